@@ -1,0 +1,76 @@
+"""Every default of the CompressedModel API, in one place.
+
+The CRD schema, the Python spec model, the operator and the embedded mode all read
+their defaults from here, so a default changes in exactly one line.
+"""
+
+GROUP = "kompressor.io"
+VERSION = "v1alpha1"
+KIND = "CompressedModel"
+PLURAL = "compressedmodels"
+SINGULAR = "compressedmodel"
+SHORT_NAMES = ["cmodel"]
+CATEGORIES = ["kompressor"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DEFAULT_NAMESPACE = "default"
+
+# Images: pinned by tag; a cluster operator overrides them in the Helm values.
+JOBS_IMAGE = "ghcr.io/kompressor/kompressor-jobs:0.1.0"
+OPERATOR_IMAGE = "ghcr.io/kompressor/kompressor-operator:0.1.0"
+
+# spec.compression
+PRUNING_METHOD = "unstructured"
+PRUNING_SPARSITY = 0.5
+PRUNING_SCHEDULE = "oneshot"
+FINE_TUNE_EPOCHS = 2
+GRADUAL_STEPS = 4
+QUANTIZATION_MODE = "none"
+SEARCH_MIN_SPARSITY = 0.0
+SEARCH_MAX_SPARSITY = 0.95
+SEARCH_MAX_PROBES = 6
+
+# spec.gates: a slice with fewer eval rows than this is judged Inconclusive.
+MIN_SLICE_SAMPLES = 20
+
+# spec.serving
+SERVING_REPLICAS = 1
+SERVING_PORT = 8080
+
+# spec.jobs
+JOB_GPU = 0
+JOB_BACKOFF_LIMIT = 2
+JOB_ACTIVE_DEADLINE_SECONDS = 3600
+
+# spec.drift
+DRIFT_ENABLED = True
+DRIFT_DETECTOR = "ks"
+DRIFT_MODE = "window"
+DRIFT_P_VALUE = 0.05
+DRIFT_ERT = 200
+DRIFT_WINDOW_SIZE = 200
+DRIFT_CHECK_INTERVAL_SECONDS = 30
+DRIFT_CORRECTION = "bonferroni"
+DRIFT_CONSECUTIVE_WINDOWS = 2
+DRIFT_ACTION = "rollback"
+DRIFT_ROLLBACK_TO = "previous"
+DRIFT_COOLDOWN_SECONDS = 300
+DRIFT_MAX_RETRAINS = 3
+DRIFT_MAX_AUTO_ACTIONS = 3
+
+# spec.promotion
+REQUIRE_APPROVAL = False
+PAUSED = False
+
+REVISION_HISTORY_LIMIT = 10
+
+# Annotations a person (or a GitOps tool) sets to steer a CompressedModel.
+ANNOTATION_APPROVE = f"{GROUP}/approve"  # value: the revision number to promote
+ANNOTATION_RETRY = f"{GROUP}/retry"  # value: any new token re-runs a failed/rejected compression
+ANNOTATION_RESUME = f"{GROUP}/resume"  # value: any new token resumes a Paused resource
+LABEL_REVISION = f"{GROUP}/revision"
+LABEL_MODEL = f"{GROUP}/model"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+
+# The revision number of the uncompressed baseline.
+BASELINE_REVISION = 0

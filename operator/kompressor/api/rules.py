@@ -1,0 +1,83 @@
+"""Cross-field rules, each written twice side by side: as CEL for the API server
+(``x-kubernetes-validations`` in the generated CRD) and as Python for the embedded mode.
+
+tests/api check, on the bad-input corpus, that both forms reject the same manifests.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kompressor.api import spec as s
+
+_PARENT_SEGMENT = r"(^|/)\.\.(/|$|\?)"
+
+
+@dataclass(frozen=True)
+class Rule:
+    on: type  # the dataclass (schema node) the rule is attached to
+    cel: str  # evaluated by the API server with `self` = that node
+    field: str  # fieldPath relative to the node, e.g. ".minSparsity"
+    message: str
+    holds: Callable[[Any], bool]  # the same rule in Python
+
+
+def _no_parent_segment(uri: str | None) -> bool:
+    return uri is None or re.search(_PARENT_SEGMENT, uri) is None
+
+
+_CEL_NO_PARENT = "!{x}.matches('(^|/)[.][.](/|$|[?])')"
+
+RULES: tuple[Rule, ...] = (
+    Rule(s.ModelSpec, _CEL_NO_PARENT.format(x="self.uri"), ".uri",
+         "uri must not contain '..' path segments", lambda m: _no_parent_segment(m.uri)),
+    Rule(s.ModelSpec, "self.uri.startsWith('builtin://') || has(self.inputShape)", ".inputShape",
+         "inputShape is required when uri is not builtin://", lambda m: m.uri.startswith("builtin://") or bool(m.input_shape)),
+    *(
+        Rule(s.DataSpec,
+             (f"!has(self.{name}) || " if optional else "") + _CEL_NO_PARENT.format(x=f"self.{name}"),
+             f".{name}", f"{name} must not contain '..' path segments",
+             (lambda d, n=name: _no_parent_segment(getattr(d, n))))
+        for name, optional in (("train", False), ("eval", False), ("retrain", True), ("reference", True))
+    ),
+    Rule(s.SearchSpec, "self.minSparsity <= self.maxSparsity", ".minSparsity",
+         "minSparsity must be <= maxSparsity", lambda x: x.min_sparsity <= x.max_sparsity),
+    Rule(s.GatesSpec, "self.slices.all(a, self.slices.filter(b, b.name == a.name).size() == 1)", ".slices",
+         "slices must have unique names", lambda g: len({x.name for x in g.slices}) == len(g.slices)),
+    Rule(s.DriftSpec, "self.mode != 'online' || self.detector in ['mmd', 'lsdd', 'cvm']", ".detector",
+         "detector must be mmd, lsdd or cvm when mode is online",
+         lambda x: x.mode != "online" or x.detector in s.ONLINE_DETECTORS),
+    Rule(s.DriftSpec, "self.categoricalFeatures.all(a, self.categoricalFeatures.filter(b, b.feature == a.feature).size() == 1)",
+         ".categoricalFeatures", "categoricalFeatures must name each feature once",
+         lambda x: len({c.feature for c in x.categorical_features}) == len(x.categorical_features)),
+    Rule(s.CompressedModelSpec, "self.drift.action != 'retrain' || has(self.data.retrain)", ".data.retrain",
+         "data.retrain is required when drift.action is retrain",
+         lambda x: x.drift.action != "retrain" or x.data.retrain is not None),
+)
+
+
+def rules_for(cls: type) -> list[Rule]:
+    return [r for r in RULES if r.on is cls]
+
+
+def check_rules(cls: type, obj: Any, path: str) -> list[tuple[str, str]]:
+    """Every rule broken anywhere in ``obj``'s tree, as (path, message)."""
+    import dataclasses
+
+    from kompressor.api.wire import fields_of
+
+    problems = []
+    for rule in rules_for(cls):
+        if not rule.holds(obj):
+            problems.append((path + rule.field, rule.message))
+    for info in fields_of(cls):
+        value = getattr(obj, info.name)
+        if dataclasses.is_dataclass(value):
+            problems.extend(check_rules(type(value), value, f"{path}.{info.wire}"))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):
+                    problems.extend(check_rules(type(item), item, f"{path}.{info.wire}[{i}]"))
+    return problems

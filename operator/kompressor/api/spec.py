@@ -1,0 +1,261 @@
+"""The desired state a user declares: ``CompressedModel.spec``.
+
+This module is the single source of the spec's shape. The CRD in crds/ is generated from
+it (``kompressor crd``), and a test fails when the committed CRD differs. It imports
+nothing heavy: the operator, the jobs and the embedded mode all use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kompressor.api import defaults as d
+from kompressor.api.fields import api_field
+
+BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "wine-mlp", "breast-cancer-mlp")
+BUILTIN_DATASETS = ("digits", "wine", "breast_cancer")
+
+# Where a URI may point. `file://` needs an absolute path; `..` segments are refused by a
+# separate rule (see rules.py) so that the message can say why.
+_STORE_URI = r"file:///[^\s]*|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\s]+"
+MODEL_URI_PATTERN = rf"^(builtin://({'|'.join(BUILTIN_MODELS)})|{_STORE_URI})$"
+DATA_URI_PATTERN = rf"^(builtin://({'|'.join(BUILTIN_DATASETS)})(\?split=(train|eval))?|{_STORE_URI})$"
+
+PRUNING_METHODS = ("unstructured", "global", "structured")
+SCHEDULES = ("oneshot", "gradual")
+QUANTIZATION_MODES = ("none", "dynamic-int8", "static-int8")
+DETECTORS = ("ks", "cvm", "chisquare", "tabular", "mmd", "lsdd")
+ONLINE_DETECTORS = ("mmd", "lsdd", "cvm")
+DRIFT_MODES = ("window", "online")
+CORRECTIONS = ("bonferroni", "fdr")
+DRIFT_ACTIONS = ("rollback", "retrain", "alert")
+ROLLBACK_TARGETS = ("previous", "baseline")
+
+
+@dataclass
+class ModelSpec:
+    """The source model to compress."""
+
+    uri: str = api_field(
+        "Where the source model is: builtin://digits-mlp, builtin://digits-cnn, builtin://wine-mlp, "
+        "builtin://breast-cancer-mlp (trained on first use with a fixed seed), file:///abs/path/model.pt2 "
+        "(a torch.export program), pvc://claim/path or s3://bucket/key.",
+        required=True,
+        pattern=MODEL_URI_PATTERN,
+        max_length=1024,
+    )
+    input_shape: list[int] | None = api_field(
+        "Shape of one input sample, without the batch dimension (e.g. [64] or [1, 8, 8]). "
+        "Required for non-builtin models.",
+        min_items=1,
+        max_items=4,
+        item_minimum=1,
+    )
+
+
+@dataclass
+class DataSpec:
+    """Datasets, as URIs: builtin://digits|wine|breast_cancer?split=train|eval, or an .npz file holding
+    X (float32, [n, *inputShape]), y (int64, [n]) and optionally slice (one label per row)."""
+
+    train: str = api_field("Training data, used for fine-tuning and calibration.", required=True,
+                           pattern=DATA_URI_PATTERN, max_length=1024)
+    eval: str = api_field("Held-out evaluation data the gates are measured on.", required=True,
+                          pattern=DATA_URI_PATTERN, max_length=1024)
+    retrain: str | None = api_field("Recent labelled data used when drift triggers a retrain.",
+                                    pattern=DATA_URI_PATTERN, max_length=1024)
+    reference: str | None = api_field("Reference data for the drift detector; defaults to the eval data.",
+                                      pattern=DATA_URI_PATTERN, max_length=1024)
+
+
+@dataclass
+class PruningSpec:
+    """How weights are removed."""
+
+    method: str = api_field(
+        "unstructured: per-layer L1 magnitude; global: magnitude ranked across all layers; "
+        "structured: dependency-aware removal of whole channels/neurons (a physically smaller graph).",
+        default=d.PRUNING_METHOD, enum=PRUNING_METHODS)
+    sparsity: float = api_field("Target fraction of weights (or channels, for structured) removed.",
+                                default=d.PRUNING_SPARSITY, minimum=0.0, maximum=0.99)
+    schedule: str = api_field("oneshot: prune once then fine-tune; gradual: polynomial sparsity ramp "
+                              "(Zhu & Gupta 2017) with fine-tuning between steps.",
+                              default=d.PRUNING_SCHEDULE, enum=SCHEDULES)
+    fine_tune_epochs: int = api_field("Fine-tuning epochs after pruning (per step when gradual).",
+                                      default=d.FINE_TUNE_EPOCHS, minimum=0, maximum=100)
+    steps: int = api_field("Number of pruning steps of the gradual schedule.",
+                           default=d.GRADUAL_STEPS, minimum=1, maximum=20)
+
+
+@dataclass
+class QuantizationSpec:
+    """Post-training quantization with onnxruntime.quantization."""
+
+    mode: str = api_field("none; dynamic-int8 (MLP/transformer-style graphs); static-int8 (QDQ, per-channel, "
+                          "calibrated on training data; for CNNs).",
+                          default=d.QUANTIZATION_MODE, enum=QUANTIZATION_MODES)
+
+
+@dataclass
+class SearchSpec:
+    """Accuracy-aware search: find the largest sparsity that passes every gate."""
+
+    enabled: bool = api_field("Bisect over sparsity instead of using pruning.sparsity.", default=False)
+    min_sparsity: float = api_field("Lower end of the searched sparsity range.",
+                                    default=d.SEARCH_MIN_SPARSITY, minimum=0.0, maximum=0.99)
+    max_sparsity: float = api_field("Upper end of the searched sparsity range.",
+                                    default=d.SEARCH_MAX_SPARSITY, minimum=0.0, maximum=0.99)
+    max_probes: int = api_field("Most candidate sparsities tried.", default=d.SEARCH_MAX_PROBES,
+                                minimum=1, maximum=20)
+
+
+@dataclass
+class CompressionSpec:
+    """How to compress the model."""
+
+    pruning: PruningSpec = api_field("Pruning settings.", default_factory=PruningSpec)
+    quantization: QuantizationSpec = api_field("Quantization settings.", default_factory=QuantizationSpec)
+    search: SearchSpec = api_field("Sparsity search settings.", default_factory=SearchSpec)
+
+
+@dataclass
+class SliceGate:
+    """A minimum accuracy on one slice of the eval data."""
+
+    name: str = api_field("Slice label, as in the eval data's `slice` column.", required=True,
+                          min_length=1, max_length=63)
+    min_accuracy: float = api_field("Lowest accepted accuracy on this slice.", required=True,
+                                    minimum=0.0, maximum=1.0)
+
+
+@dataclass
+class GatesSpec:
+    """Metric gates a compressed artifact must pass to be promoted. An unset gate is not checked."""
+
+    max_accuracy_drop: float | None = api_field("Largest accepted accuracy drop vs the baseline, as a fraction "
+                                                "(0.01 = one point).", minimum=0.0, maximum=1.0)
+    min_accuracy: float | None = api_field("Lowest accepted accuracy.", minimum=0.0, maximum=1.0)
+    min_f1: float | None = api_field("Lowest accepted macro-F1.", minimum=0.0, maximum=1.0)
+    max_latency_p95_ms: float | None = api_field("Highest accepted p95 latency at batch 1, in milliseconds.",
+                                                 minimum=0.0, exclusive_minimum=True)
+    max_size_ratio: float | None = api_field("Largest accepted size on disk relative to the baseline.",
+                                             minimum=0.0, exclusive_minimum=True)
+    max_calibration_error: float | None = api_field("Largest accepted expected calibration error.",
+                                                    minimum=0.0, maximum=1.0)
+    slices: list[SliceGate] = api_field("Per-slice accuracy floors.", default_factory=list, max_items=64)
+    min_slice_samples: int = api_field("A slice with fewer eval rows is judged Inconclusive, not passed.",
+                                       default=d.MIN_SLICE_SAMPLES, minimum=1)
+
+
+@dataclass
+class ServingSpec:
+    """The serving Deployment (ONNX Runtime, Open Inference Protocol v2)."""
+
+    replicas: int = api_field("Serving replicas.", default=d.SERVING_REPLICAS, minimum=0, maximum=100)
+    resources: dict | None = api_field("Container resources (requests/limits), as in a Pod spec.", free_form=True)
+    port: int = api_field("HTTP port of the inference server.", default=d.SERVING_PORT, minimum=1, maximum=65535)
+
+
+@dataclass
+class JobsSpec:
+    """The pruning and evaluation Jobs."""
+
+    image: str = api_field("Container image of the jobs.", default=d.JOBS_IMAGE, min_length=1, max_length=512)
+    gpu: int = api_field("GPUs per pruning Job (nvidia.com/gpu); 0 runs on CPU.", default=d.JOB_GPU,
+                         minimum=0, maximum=16)
+    resources: dict | None = api_field("Container resources (requests/limits), as in a Pod spec.", free_form=True)
+    node_selector: dict[str, str] | None = api_field("Node labels the Job's Pod must match.", map_of=str)
+    tolerations: list[dict] = api_field("Pod tolerations, as in a Pod spec (e.g. for GPU taints).",
+                                        default_factory=list, free_form=True, max_items=32)
+    backoff_limit: int = api_field("Retries before a Job is marked failed.", default=d.JOB_BACKOFF_LIMIT,
+                                   minimum=0, maximum=20)
+    active_deadline_seconds: int = api_field("Wall-clock limit of one Job.", default=d.JOB_ACTIVE_DEADLINE_SECONDS,
+                                             minimum=1)
+
+
+@dataclass
+class CategoricalFeature:
+    """A categorical input feature and its number of categories."""
+
+    feature: int = api_field("Index of the feature in the flattened input.", required=True, minimum=0)
+    categories: int = api_field("Number of categories the feature takes (values 0..categories-1).",
+                                required=True, minimum=2)
+
+
+@dataclass
+class DriftSpec:
+    """How live traffic is watched for drift (Alibi Detect), and what a drift verdict does."""
+
+    enabled: bool = api_field("Run the drift watcher.", default=d.DRIFT_ENABLED)
+    detector: str = api_field("Alibi Detect detector: ks, cvm, chisquare, tabular, mmd, lsdd.",
+                              default=d.DRIFT_DETECTOR, enum=DETECTORS)
+    mode: str = api_field("window: test the newest windowSize rows every check; online: Alibi Detect's online "
+                          "detectors (mmd, lsdd, cvm) fed one row at a time, calibrated by ert.",
+                          default=d.DRIFT_MODE, enum=DRIFT_MODES)
+    p_value: float = api_field("Significance level of the drift test.", default=d.DRIFT_P_VALUE,
+                               minimum=0.0, maximum=1.0, exclusive_minimum=True, exclusive_maximum=True)
+    ert: int = api_field("Expected run time between false alarms, in rows (online mode).", default=d.DRIFT_ERT,
+                         minimum=1)
+    window_size: int = api_field("Rows per test (window mode) or online window size.",
+                                 default=d.DRIFT_WINDOW_SIZE, minimum=10, maximum=100000)
+    check_interval_seconds: int = api_field("Seconds between checks.", default=d.DRIFT_CHECK_INTERVAL_SECONDS,
+                                            minimum=1)
+    correction: str = api_field("Multivariate correction for feature-wise tests.", default=d.DRIFT_CORRECTION,
+                                enum=CORRECTIONS)
+    categorical_features: list[CategoricalFeature] = api_field(
+        "Categorical features (for chisquare and tabular).", default_factory=list, max_items=256)
+    consecutive_windows: int = api_field("Act only after this many drifting checks in a row (hysteresis).",
+                                         default=d.DRIFT_CONSECUTIVE_WINDOWS, minimum=1, maximum=100)
+    action: str = api_field("What a drift verdict does: rollback, retrain (needs data.retrain) or alert.",
+                            default=d.DRIFT_ACTION, enum=DRIFT_ACTIONS)
+    rollback_to: str = api_field("previous: the previously promoted revision; baseline: revision 0, "
+                                 "the uncompressed model.", default=d.DRIFT_ROLLBACK_TO, enum=ROLLBACK_TARGETS)
+    cooldown_seconds: int = api_field("Least time between two automatic actions.",
+                                      default=d.DRIFT_COOLDOWN_SECONDS, minimum=0)
+    max_retrains: int = api_field("Most automatic retrains.", default=d.DRIFT_MAX_RETRAINS, minimum=0)
+    max_auto_actions: int = api_field("After this many automatic actions without a human touching the resource, "
+                                      "pause and alert.", default=d.DRIFT_MAX_AUTO_ACTIONS, minimum=1)
+
+
+@dataclass
+class PromotionSpec:
+    """Promotion control."""
+
+    require_approval: bool = api_field("Hold a passing revision in AwaitingApproval until the annotation "
+                                       "kompressor.io/approve is set to its revision number.",
+                                       default=d.REQUIRE_APPROVAL)
+    paused: bool = api_field("Stop acting (no jobs, no promotions, no rollbacks); keep observing.",
+                             default=d.PAUSED)
+
+
+@dataclass
+class CompressedModelSpec:
+    """A model to compress, gate, serve and watch for drift."""
+
+    model: ModelSpec = api_field("The source model.", required=True)
+    data: DataSpec = api_field("Datasets.", required=True)
+    compression: CompressionSpec = api_field("Compression settings.", default_factory=CompressionSpec)
+    gates: GatesSpec = api_field("Metric gates.", default_factory=GatesSpec)
+    serving: ServingSpec = api_field("Serving settings.", default_factory=ServingSpec)
+    jobs: JobsSpec = api_field("Job settings.", default_factory=JobsSpec)
+    drift: DriftSpec = api_field("Drift watching.", default_factory=DriftSpec)
+    promotion: PromotionSpec = api_field("Promotion control.", default_factory=PromotionSpec)
+    revision_history_limit: int = api_field("Most revisions kept in status (the baseline and the serving "
+                                            "revision are always kept).", default=d.REVISION_HISTORY_LIMIT,
+                                            minimum=1, maximum=100)
+
+
+def compression_inputs(spec: CompressedModelSpec) -> dict:
+    """The part of a spec whose edit starts a new compression.
+
+    Edits elsewhere (serving, drift, promotion, job placement, data.retrain/reference,
+    revisionHistoryLimit) take effect without recompressing.
+    """
+    from kompressor.api.wire import to_wire
+
+    return {
+        "model": to_wire(spec.model),
+        "data": {"train": spec.data.train, "eval": spec.data.eval},
+        "compression": to_wire(spec.compression),
+        "gates": to_wire(spec.gates),
+    }

@@ -1,0 +1,71 @@
+"""How every command talks to a person or a log collector.
+
+On a terminal: Rich text and progress bars. Otherwise (in a Pod, under CI, with
+--json-logs): one JSON object per line, so log pipelines can parse progress too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+_json_mode: bool | None = None
+
+
+def use_json_logs(enabled: bool) -> None:
+    global _json_mode
+    _json_mode = enabled
+
+
+def json_logs() -> bool:
+    if _json_mode is not None:
+        return _json_mode
+    if os.environ.get("KOMPRESSOR_JSON_LOGS"):
+        return os.environ["KOMPRESSOR_JSON_LOGS"] not in ("0", "false", "")
+    return not sys.stderr.isatty()
+
+
+def log(event: str, level: str = "info", **fields: Any) -> None:
+    """One event. ``event`` is a short human sentence; ``fields`` are its facts."""
+    if json_logs():
+        record = {"ts": round(time.time(), 3), "level": level, "event": event, **fields}
+        print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+        return
+    from rich.console import Console
+
+    style = {"error": "bold red", "warning": "yellow"}.get(level, "")
+    facts = " ".join(f"[dim]{k}=[/dim]{v}" for k, v in fields.items())
+    Console(stderr=True).print(f"[{style}]{event}[/{style}] {facts}" if style else f"{event} {facts}")
+
+
+class Progress:
+    """A progress handle: ``advance()`` after each step of ``total``."""
+
+    def __init__(self, update):
+        self._update = update
+
+    def advance(self, steps: int = 1, **fields: Any) -> None:
+        self._update(steps, fields)
+
+
+@contextlib.contextmanager
+def progress(description: str, total: int) -> Iterator[Progress]:
+    if json_logs():
+        done = 0
+
+        def update(steps: int, fields: dict) -> None:
+            nonlocal done
+            done += steps
+            log(description, step=done, total=total, **fields)
+
+        yield Progress(update)
+        return
+    from rich.progress import Progress as RichProgress
+
+    with RichProgress(transient=False) as bar:
+        task = bar.add_task(description, total=total)
+        yield Progress(lambda steps, fields: bar.update(task, advance=steps))

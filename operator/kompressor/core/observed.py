@@ -1,0 +1,52 @@
+"""What the reconcile core is told about the world. Adapters fill these in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, Mapping
+
+from kompressor.api.manifest import CompressedModel
+from kompressor.api.report import EvalReport
+
+JobKind = Literal["prune", "evaluate"]
+JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A pruning or evaluation Job owned by the resource, as last seen."""
+
+    name: str
+    kind: JobKind
+    revision: int
+    generation: int
+    phase: JobPhase
+    message: str = ""  # why it failed, when it did (after its backoffLimit)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """The serving Deployment (or, embedded, the local server), as last seen."""
+
+    revision: int | None  # the revision it serves (label kompressor.io/revision)
+    ready: bool
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything one reconcile may look at.
+
+    The drift verdict is ``model.status.drift``: in a cluster the watcher patches it
+    into the status, in embedded mode the runner copies the verdict file there.
+    """
+
+    model: CompressedModel
+    now: datetime
+    jobs: tuple[JobState, ...] = ()
+    serving: ServingState | None = None
+    # Evaluation reports the adapter could read, by revision: at least the in-flight
+    # candidate's, once its evaluation Job has succeeded.
+    reports: Mapping[int, EvalReport] = field(default_factory=dict)
