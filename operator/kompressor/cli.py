@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="artifact folder to write (model.onnx, manifest.json)")
     p.add_argument("--revision", type=int, default=1, help="revision number recorded in the manifest")
     p.add_argument("--retrain", action="store_true", help="fine-tune on spec.data.retrain instead of data.train")
+    p.add_argument("--baseline-cache", help="folder where the uncompressed baseline ONNX is exported once per "
+                   "source-model digest (default: $KOMPRESSOR_CACHE/baselines)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where to prune and fine-tune (auto: CUDA when available)")
 

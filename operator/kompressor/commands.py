@@ -1,0 +1,38 @@
+"""The command lines of the jobs, built in one place.
+
+The operator puts these in Job/Deployment containers, the embedded mode runs them as
+subprocesses, and the test fixture that plays the cluster's controllers runs what it
+finds in the containers: all three therefore run exactly the same commands.
+"""
+
+from __future__ import annotations
+
+ENTRYPOINT = ["kompressor", "--json-logs"]
+
+
+def prune_argv(spec: str, out: str, revision: int, baseline_cache: str, retrain: bool = False) -> list[str]:
+    argv = [*ENTRYPOINT, "prune", "--spec", spec, "--out", out, "--revision", str(revision),
+            "--baseline-cache", baseline_cache]
+    return argv + (["--retrain"] if retrain else [])
+
+
+def evaluate_argv(spec: str, candidate: str, out: str) -> list[str]:
+    return [*ENTRYPOINT, "evaluate", "--spec", spec, "--candidate", candidate, "--out", out]
+
+
+def serve_argv(artifact: str, name: str, port: int, capture: str | None, host: str = "0.0.0.0") -> list[str]:
+    argv = [*ENTRYPOINT, "serve", "--artifact", artifact, "--name", name, "--port", str(port), "--host", host]
+    return argv + (["--capture", capture] if capture else [])
+
+
+def watcher_argv(spec: str, capture: str, verdict: str, revision: int, reference: str | None = None,
+                 state: str | None = None, metrics_port: int = 0) -> list[str]:
+    argv = [*ENTRYPOINT, "watch-drift", "--spec", spec, "--capture", capture, "--verdict", verdict,
+            "--revision", str(revision)]
+    if reference:
+        argv += ["--reference", reference]
+    if state:
+        argv += ["--state", state]
+    if metrics_port:
+        argv += ["--metrics-port", str(metrics_port)]
+    return argv
