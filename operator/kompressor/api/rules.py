@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from kompressor.api import spec as s
 
-_PARENT_SEGMENT = r"(^|/)\.\.(/|$|\?)"
+# `\Z`, not `$`: like RE2's `$` (the CEL twin), it does not match before a trailing newline.
+_PARENT_SEGMENT = r"(^|/)\.\.(/|\Z|\?)"
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,14 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(s.SearchSpec, "self.minSparsity <= self.maxSparsity", ".minSparsity",
          "minSparsity must be <= maxSparsity", lambda x: x.min_sparsity <= x.max_sparsity),
-    Rule(s.GatesSpec, "self.slices.all(a, self.slices.filter(b, b.name == a.name).size() == 1)", ".slices",
-         "slices must have unique names", lambda g: len({x.name for x in g.slices}) == len(g.slices)),
+    # The CRD gives lists no default, so an unset list is absent (not []) when CEL runs: guard with has().
+    Rule(s.GatesSpec, "!has(self.slices) || self.slices.all(a, self.slices.filter(b, b.name == a.name).size() == 1)",
+         ".slices", "slices must have unique names", lambda g: len({x.name for x in g.slices}) == len(g.slices)),
     Rule(s.DriftSpec, "self.mode != 'online' || self.detector in ['mmd', 'lsdd', 'cvm']", ".detector",
          "detector must be mmd, lsdd or cvm when mode is online",
          lambda x: x.mode != "online" or x.detector in s.ONLINE_DETECTORS),
-    Rule(s.DriftSpec, "self.categoricalFeatures.all(a, self.categoricalFeatures.filter(b, b.feature == a.feature).size() == 1)",
+    Rule(s.DriftSpec, "!has(self.categoricalFeatures) || "
+         "self.categoricalFeatures.all(a, self.categoricalFeatures.filter(b, b.feature == a.feature).size() == 1)",
          ".categoricalFeatures", "categoricalFeatures must name each feature once",
          lambda x: len({c.feature for c in x.categorical_features}) == len(x.categorical_features)),
     Rule(s.CompressedModelSpec, "self.drift.action != 'retrain' || has(self.data.retrain)", ".data.retrain",

@@ -89,6 +89,8 @@ class Revision:
     promoted_at: str | None = api_field("When it was last promoted to serving (RFC 3339).")
     reason: str | None = api_field("Why it was made: initial, specChange, retry or retrain.")
     generation: int | None = api_field("metadata.generation of the spec it was made from.")
+    drifted_at: str | None = api_field("When drift was last confirmed while it served (RFC 3339). A drifted "
+                                       "revision is not rolled back to automatically (no flapping).")
 
 
 @dataclass

@@ -189,8 +189,15 @@ def _check_bounds(value: Any, path: str, problems: list, b: Bounds) -> None:
         problems.append((path, f"must be at least {b.min_length} character(s) long"))
     if b.max_length is not None and len(value) > b.max_length:
         problems.append((path, f"must be at most {b.max_length} characters long"))
-    if b.pattern is not None and not re.search(b.pattern, value):
+    if b.pattern is not None and not re.search(_go_pattern(b.pattern), value):
         problems.append((path, f"{value!r} is not an accepted form (pattern {b.pattern})"))
+
+
+@functools.cache
+def _go_pattern(pattern: str) -> str:
+    """The CRD's pattern as the API server (Go regexp) reads it: there `$` matches only at the
+    very end, while Python's `$` also matches before a trailing newline ("builtin://x\\n")."""
+    return re.sub(r"(?<!\\)\$", r"\\Z", pattern)
 
 
 def _kind(value: Any) -> str:
