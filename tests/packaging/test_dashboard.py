@@ -1,0 +1,91 @@
+"""The Grafana dashboard queries only metrics the code defines (prometheus_client names found in the
+operator, serving and drift-watcher code), with labels those metrics carry, and ships in the chart."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from chartkit import CHART, REPO, full_values, one, render
+
+DASHBOARD = CHART / "dashboards" / "kompressor.json"
+CODE = [REPO / "operator" / "kompressor", REPO / "jobs" / "kompressor_jobs"]
+# Series suffixes prometheus_client adds: counters _total/_created, histograms _bucket/_sum/_count.
+SUFFIXES = {"Counter": ("_total", "_created"), "Gauge": ("",), "Histogram": ("_bucket", "_sum", "_count"),
+            "Summary": ("_sum", "_count")}
+# Labels Prometheus adds when it scrapes (ServiceMonitor / PodMonitor targets), and a histogram's le.
+TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint", "job", "instance"}
+DEFINITION = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"\s*,\s*"
+                        r"\"(?:[^\"\\]|\\.)*\"\s*,?\s*(\[[^\]]*\])?")
+
+
+def defined_metrics() -> dict[str, tuple[str, set[str]]]:
+    """series name -> (metric type, its labels), from every prometheus_client definition in the code."""
+    series = {}
+    for root in CODE:
+        for path in root.rglob("*.py"):
+            for kind, name, labels in DEFINITION.findall(path.read_text()):
+                label_set = set(re.findall(r"\"([a-zA-Z_][a-zA-Z0-9_]*)\"", labels or ""))
+                if kind in ("Histogram", "Summary"):
+                    label_set.add("le")
+                for suffix in SUFFIXES[kind]:
+                    series[name + suffix] = (kind, label_set)
+    return series
+
+
+def expressions() -> list[str]:
+    board = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in board["templating"]["list"] if v.get("definition")]
+    return exprs
+
+
+def test_dashboard_is_valid_grafana_json():
+    board = json.loads(DASHBOARD.read_text())
+    assert board["uid"] == "kompressor" and board["schemaVersion"] >= 36
+    ids = [p["id"] for p in board["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = " ".join(p["title"] for p in board["panels"]).lower()
+    for topic in ("phase", "rollback", "p-value", "latency"):
+        assert topic in titles, f"the dashboard shows {topic}"
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["targets"] and panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_every_queried_metric_is_defined_in_the_code():
+    series = defined_metrics()
+    names = {n for n in series if n.startswith("kompressor_")}
+    assert len(names) > 10, f"found too few metric definitions in the code: {sorted(names)}"
+    for expr in expressions():
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+        queried = set(re.findall(r"\bkompressor_[a-z0-9_]+\b", expr))
+        assert queried, f"{expr}: queries no Kompressor metric"
+        unknown = queried - names
+        assert not unknown, f"{expr}: {sorted(unknown)} is not defined by the code"
+
+
+def test_every_label_used_is_one_the_metric_carries():
+    series = defined_metrics()
+    for expr in expressions():
+        queried = set(re.findall(r"\bkompressor_[a-z0-9_]+\b", expr))
+        carried = set().union(*(series[name][1] for name in queried)) | TARGET_LABELS
+        used = set(re.findall(r"([a-z_]+)\s*=~?\s*\"", expr))
+        for group in re.findall(r"\bby\s*\(([^)]*)\)", expr):
+            used |= {label.strip() for label in group.split(",") if label.strip()}
+        used |= set(re.findall(r"label_values\([^,]+,\s*([a-z_]+)\)", expr))
+        assert used - carried == set(), f"{expr}: labels {sorted(used - carried)} are not on {sorted(queried)}"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_dashboard_ships_as_a_sidecar_configmap_behind_a_value(enabled):
+    values = full_values() if enabled else {}
+    configmaps = [o for o in render(values) if o["kind"] == "ConfigMap"]
+    if not enabled:
+        assert configmaps == []
+        return
+    configmap = one(configmaps, "ConfigMap")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["kompressor.json"]) == json.loads(DASHBOARD.read_text())
