@@ -1,0 +1,261 @@
+"""`kompressor prune` then `kompressor evaluate`, through the CLI, for every method, schedule and
+quantization mode; expectations are computed from the written files (ONNX initializers, a direct ONNX
+Runtime run), never hard-coded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from jobs_support import onnx_weights, ort_predict
+from kompressor.api.report import EvalReport
+from kompressor.store import resolve_local, verify_artifact
+from kompressor_jobs.data import load_dataset
+from kompressor_jobs.pruning import polynomial_schedule
+
+pytestmark = pytest.mark.slow
+
+
+def zero_fraction(path: Path) -> float:
+    weights = onnx_weights(path)
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.size for w in weights)
+
+
+def parameter_count(path: Path) -> int:
+    return sum(w.size for w in onnx_weights(path))
+
+
+def check_common(candidate: Path, manifest: dict, metrics: dict, eval_uri: str, input_shape: list[int]) -> None:
+    """What holds for every prune+evaluate run."""
+    report = EvalReport.from_json(metrics)
+    # the artifact and its baseline verify against the digests that metrics.json names
+    assert report.artifact.uri == candidate.absolute().as_uri()
+    verify_artifact(candidate, report.artifact.sha256)
+    baseline_dir = resolve_local(manifest["baseline"]["uri"])
+    assert verify_artifact(baseline_dir, report.baseline_artifact.sha256)["revision"] == 0
+    assert report.baseline_artifact.sha256 == manifest["baseline"]["sha256"]
+    # the reported accuracy is what a direct ONNX Runtime run gives (one request per row)
+    data = load_dataset(eval_uri, input_shape)
+    direct = (ort_predict(candidate / "model.onnx", data.X).argmax(axis=1) == data.y).mean()
+    assert metrics["accuracy"] == pytest.approx(direct, abs=1e-6)
+    baseline_direct = (ort_predict(baseline_dir / "model.onnx", data.X).argmax(axis=1) == data.y).mean()
+    assert report.baseline_metrics.accuracy == pytest.approx(baseline_direct, abs=1e-6)
+    # real sparsity and size, read from the file
+    assert metrics["sparsity"] == pytest.approx(zero_fraction(candidate / "model.onnx"), abs=1e-6)
+    assert metrics["sizeBytes"] == (candidate / "model.onnx").stat().st_size
+    assert metrics["sizeRatio"] == pytest.approx(
+        metrics["sizeBytes"] / (baseline_dir / "model.onnx").stat().st_size, abs=1e-6)
+    # latency is measured: ordered percentiles, a positive throughput
+    assert 0 < metrics["latencyP50Ms"] <= metrics["latencyP95Ms"] <= metrics["latencyP99Ms"]
+    assert metrics["throughputRps"] > 0
+    assert sum(s["samples"] for s in metrics["slices"].values()) == len(data)
+    # the manifest records provenance and what the server needs
+    assert manifest["input"]["name"] == "input" and manifest["input"]["shape"] == [-1, *input_shape]
+    assert manifest["input"]["dtype"] == "float32"
+    assert manifest["data"]["eval"]["sha256"] == data.digest
+    assert set(manifest["versions"]) >= {"torch", "onnxruntime", "onnx", "torchPruning"}
+    import torch
+
+    # --device auto: CUDA where torch sees a GPU (the GPU name is then recorded), CPU otherwise
+    on_gpu = torch.cuda.is_available()
+    assert manifest["hardware"]["device"] == ("cuda" if on_gpu else "cpu") and "cpuFlags" in manifest["hardware"]
+    assert ("gpu" in manifest["hardware"]) == on_gpu
+    for name in ("model_card.md", "model_card.json"):
+        assert (candidate.parent / "eval" / name).is_file()
+
+
+@pytest.mark.parametrize("method", ["unstructured", "global", "structured"])
+@pytest.mark.parametrize("schedule", ["oneshot", "gradual"])
+def test_methods_and_schedules(jobs, write_spec, method, schedule):
+    sparsity = 0.6
+    spec = write_spec({"compression": {"pruning": {"method": method, "sparsity": sparsity, "schedule": schedule,
+                                                   "steps": 3, "fineTuneEpochs": 1}},
+                       "gates": {"minAccuracy": 0.5}})
+    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
+    check_common(candidate, manifest, metrics, "builtin://breast_cancer?split=eval", [30])
+    steps = manifest["achieved"]["stepSparsities"]
+    expected_steps = [sparsity] if schedule == "oneshot" else polynomial_schedule(sparsity, 3)
+    assert steps == pytest.approx(expected_steps, abs=1e-6)
+    assert steps == sorted(steps)
+    model = candidate / "model.onnx"
+    baseline = resolve_local(manifest["baseline"]["uri"]) / "model.onnx"
+    if method == "structured":
+        # whole neurons are gone: fewer weights, physically smaller matrices, no masks of zeros
+        kept = parameter_count(model) / parameter_count(baseline)
+        assert kept < 0.6
+        assert manifest["achieved"]["parametersAfter"] < manifest["achieved"]["parametersBefore"]
+        assert metrics["sparsity"] < 0.05 and metrics["sizeRatio"] < 0.6
+    else:
+        assert metrics["sparsity"] == pytest.approx(sparsity, abs=0.01)
+        per_layer = [float((w == 0).mean()) for w in onnx_weights(model)]
+        if method == "unstructured":  # every layer at the target
+            assert per_layer == pytest.approx([sparsity] * len(per_layer), abs=0.01)
+        else:  # one global threshold: layers end up at different sparsities
+            assert max(per_layer) - min(per_layer) > 0.05
+    assert metrics["gates"]["passed"] is True
+    assert [r["outcome"] for r in metrics["gates"]["results"]] == ["Successful"]
+
+
+def test_dynamic_int8_quantizes_weights_of_a_structured_mlp(jobs, write_spec):
+    spec = write_spec({
+        "model": {"uri": "builtin://digits-mlp"},
+        "data": {"train": "builtin://digits?split=train", "eval": "builtin://digits?split=eval"},
+        "compression": {"pruning": {"method": "structured", "sparsity": 0.5, "fineTuneEpochs": 1},
+                        "quantization": {"mode": "dynamic-int8"}},
+        "gates": {"maxAccuracyDrop": 0.03, "maxSizeRatio": 0.3},
+    })
+    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
+    check_common(candidate, manifest, metrics, "builtin://digits?split=eval", [64])
+    graph = onnx.load(str(candidate / "model.onnx")).graph
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & {n.op_type for n in graph.node}
+    assert any(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in graph.initializer)
+    assert metrics["sizeRatio"] < 0.3  # 4x from int8 on top of the removed neurons
+    assert manifest["achieved"]["quantization"]["mode"] == "dynamic-int8"
+    assert metrics["gates"]["passed"] is True
+
+
+def test_static_int8_is_per_channel_qdq_on_a_cnn(jobs, write_spec):
+    spec = write_spec({
+        "model": {"uri": "builtin://digits-cnn"},
+        "data": {"train": "builtin://digits?split=train", "eval": "builtin://digits?split=eval"},
+        "compression": {"pruning": {"method": "global", "sparsity": 0.5, "schedule": "gradual", "steps": 2,
+                                    "fineTuneEpochs": 1},
+                        "quantization": {"mode": "static-int8"}},
+        "gates": {"maxAccuracyDrop": 0.05, "slices": [{"name": "even", "minAccuracy": 0.8}]},
+    })
+    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
+    check_common(candidate, manifest, metrics, "builtin://digits?split=eval", [1, 8, 8])
+    graph = onnx.load(str(candidate / "model.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    # per-channel: the conv weights have one scale per output channel
+    conv_weights = [i for i in graph.initializer if len(i.dims) == 4]
+    scales = {i.name: list(i.dims) for i in graph.initializer if i.name.endswith("weight_scale")}
+    assert conv_weights and all(any(dims == [w.dims[0]] for dims in scales.values()) for w in conv_weights)
+    # zeros of the quantized weights: at least the pruned fraction
+    assert metrics["sparsity"] >= 0.49
+    assert metrics["gates"]["passed"] is True
+    assert [r["gate"] for r in metrics["gates"]["results"]] == ["maxAccuracyDrop", "slices[even].minAccuracy"]
+
+
+def test_gates_fail_when_the_model_is_pruned_too_far(jobs, write_spec):
+    spec = write_spec({"compression": {"pruning": {"sparsity": 0.99, "fineTuneEpochs": 0}},
+                       "gates": {"maxAccuracyDrop": 0.0, "minAccuracy": 0.9, "maxLatencyP95Ms": 1e-6,
+                                 "minSliceSamples": 1000,
+                                 "slices": [{"name": "small-radius", "minAccuracy": 0.5}]}})
+    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
+    gates = {r["gate"]: r for r in metrics["gates"]["results"]}
+    assert metrics["gates"]["passed"] is False
+    drop = metrics["baseline"]["metrics"]["accuracy"] - metrics["accuracy"]
+    assert gates["maxAccuracyDrop"]["value"] == pytest.approx(drop, abs=1e-6)
+    assert gates["maxAccuracyDrop"]["outcome"] == ("Failed" if drop > 0 else "Successful")
+    assert gates["minAccuracy"]["outcome"] == ("Failed" if metrics["accuracy"] < 0.9 else "Successful")
+    # the latency gate compares a measured value (a real, positive p95)
+    assert gates["maxLatencyP95Ms"]["outcome"] == "Failed"
+    assert gates["maxLatencyP95Ms"]["value"] == metrics["latencyP95Ms"] > 0
+    slice_gate = gates["slices[small-radius].minAccuracy"]
+    assert slice_gate["outcome"] == "Inconclusive" and "fewer than minSliceSamples=1000" in slice_gate["message"]
+    card = (candidate.parent / "eval" / "model_card.md").read_text()
+    assert "did not pass its gates" in card and "Inconclusive" in card
+
+
+def test_search_keeps_the_largest_passing_sparsity_and_reports_every_probe(jobs, write_spec):
+    spec = write_spec({"compression": {"search": {"enabled": True, "minSparsity": 0.2, "maxSparsity": 0.99,
+                                                  "maxProbes": 4}},
+                       "gates": {"maxAccuracyDrop": 0.02}})
+    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
+    probes = metrics["probes"]
+    assert 2 <= len(probes) <= 4
+    assert probes[0]["sparsity"] == 0.99 and probes[1]["sparsity"] == 0.2
+    passing = [p["sparsity"] for p in probes if p["gates"]["passed"]]
+    assert passing, "the bottom of the range should pass with a 2-point budget"
+    assert manifest["search"]["passed"] is True
+    assert manifest["search"]["chosenSparsity"] == max(passing)
+    assert metrics["sparsity"] == pytest.approx(max(passing), abs=0.01)
+    for p in probes:  # each probe's verdict follows from its own metrics
+        drop = metrics["baseline"]["metrics"]["accuracy"] - p["metrics"]["accuracy"]
+        assert p["gates"]["passed"] == (drop <= 0.02 + 1e-9)
+
+
+def test_search_with_no_passing_sparsity_returns_the_best_candidate_marked_failing(jobs, write_spec):
+    spec = write_spec({"compression": {"search": {"enabled": True, "minSparsity": 0.5, "maxSparsity": 0.9,
+                                                  "maxProbes": 3}},
+                       "gates": {"minAccuracy": 1.0}})
+    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
+    assert manifest["search"]["passed"] is False
+    assert "no probed sparsity" in manifest["search"]["reason"] and "minAccuracy" in manifest["search"]["reason"]
+    assert manifest["search"]["chosenSparsity"] in [p["sparsity"] for p in metrics["probes"]]
+    assert metrics["gates"]["passed"] is False
+
+
+def test_baseline_is_exported_once_per_source_digest(jobs, write_spec):
+    spec = write_spec({"compression": {"pruning": {"fineTuneEpochs": 0}}})
+    _, first, _ = jobs.prune_and_evaluate(spec, "r1")
+    baseline = resolve_local(first["baseline"]["uri"])
+    stamp = (baseline / "model.onnx").stat().st_mtime_ns
+    _, second, _ = jobs.prune_and_evaluate(spec, "r2")
+    assert second["baseline"] == first["baseline"]
+    assert (baseline / "model.onnx").stat().st_mtime_ns == stamp
+    assert baseline.name == first["model"]["sha256"][:16]
+    # a damaged baseline is rebuilt rather than trusted
+    (baseline / "model.onnx").write_bytes(b"damaged")
+    _, third, _ = jobs.prune_and_evaluate(spec, "r3")
+    verify_artifact(resolve_local(third["baseline"]["uri"]), third["baseline"]["sha256"])
+
+
+def test_retrain_fine_tunes_on_the_retrain_data(jobs, write_spec, tmp_path):
+    train = load_dataset("builtin://breast_cancer?split=train")
+    path = tmp_path / "recent.npz"
+    np.savez(path, X=train.X[:100], y=train.y[:100])
+    spec = write_spec({"data": {"retrain": f"file://{path}"}})
+    candidate = tmp_path / "retrained"
+    code, err = jobs.prune(spec, candidate, "--retrain", "--revision", "7")
+    assert code == 0, err
+    manifest = verify_artifact(candidate)
+    assert manifest["revision"] == 7 and manifest["data"]["retrain"] is True
+    assert manifest["data"]["train"] == {"uri": f"file://{path}", "sha256": load_dataset(f"file://{path}").digest,
+                                         "rows": 100}
+
+
+def test_file_model_pt2_is_pruned_structurally(jobs, write_spec, tmp_path):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU(), nn.Linear(32, 2))
+    program = torch.export.export(model, (torch.zeros(4, 30),), dynamic_shapes=({0: torch.export.Dim.DYNAMIC},))
+    path = tmp_path / "model.pt2"
+    torch.export.save(program, str(path))
+    spec = write_spec({"model": {"uri": f"file://{path}", "inputShape": [30]},
+                       "compression": {"pruning": {"method": "structured", "sparsity": 0.5, "fineTuneEpochs": 2}}})
+    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
+    check_common(candidate, manifest, metrics, "builtin://breast_cancer?split=eval", [30])
+    shapes = sorted(tuple(w.shape) for w in onnx_weights(candidate / "model.onnx"))
+    assert shapes == sorted([(24, 30), (16, 24), (2, 16)])
+    import hashlib
+
+    assert manifest["model"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_bundled_example_passes_its_gates_through_the_real_command(tmp_path, job_env):
+    """The example users start from, run as the Jobs run it: `kompressor --json-logs prune|evaluate`."""
+    from jobs_support import run_cli
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "digits-cpu.yaml"
+    candidate, evaluation = tmp_path / "candidate", tmp_path / "eval"
+    pruned = run_cli("prune", "--spec", str(example), "--out", str(candidate), env=job_env)
+    assert pruned.returncode == 0, pruned.stderr
+    # progress and events are JSON lines a log pipeline can parse
+    events = [json.loads(line) for line in pruned.stderr.splitlines() if line.startswith("{")]
+    assert any(e["event"].startswith("fine-tuning") and "step" in e and "total" in e for e in events)
+    evaluated = run_cli("evaluate", "--spec", str(example), "--candidate", str(candidate), "--out", str(evaluation),
+                        env=job_env)
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = EvalReport.read(evaluation)
+    assert report.gates.passed, report.gates
+    assert report.metrics.sparsity == pytest.approx(zero_fraction(candidate / "model.onnx"), abs=1e-6)
+    assert report.metrics.sparsity >= 0.79
