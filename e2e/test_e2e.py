@@ -1,0 +1,35 @@
+"""The end-to-end scenario on each target. KOMPRESSOR_E2E_TARGET=embedded|emulator|cluster runs one only."""
+
+import os
+
+import pytest
+
+from scenario import run_scenario
+from targets import ClusterTarget, EmbeddedTarget, EmulatorTarget, cluster_unavailable_reason
+
+TARGETS = {"embedded": EmbeddedTarget, "emulator": EmulatorTarget, "cluster": ClusterTarget}
+
+
+def skip_reason(name: str) -> str | None:
+    chosen = os.environ.get("KOMPRESSOR_E2E_TARGET")
+    if chosen and chosen not in TARGETS:
+        pytest.fail(f"KOMPRESSOR_E2E_TARGET={chosen!r}: must be one of {', '.join(TARGETS)}")
+    if chosen and chosen != name:
+        return f"KOMPRESSOR_E2E_TARGET={chosen} selects another target"
+    if name == "cluster":
+        return cluster_unavailable_reason()
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [
+    "embedded", "emulator", pytest.param("cluster", marks=pytest.mark.cluster),
+])
+async def test_create_serve_drift_rollback_delete(name, tmp_path, e2e_env, eval_rows):
+    reason = skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    rows, labels = eval_rows
+    async with TARGETS[name](tmp_path, e2e_env) as target:
+        timings = await run_scenario(target, rows, labels)
+    print(f"[{name}] " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))

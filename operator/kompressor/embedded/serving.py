@@ -1,0 +1,195 @@
+"""The local stand-ins for the serving Deployment and the drift-watcher Deployment.
+
+``Serve`` is applied idempotently: the first time it starts ``kompressor serve`` on
+127.0.0.1:PORT; on a revision change it hot-swaps the running server
+(``POST /v2/repository/models/{name}/load``), so requests keep flowing; and it (re)starts
+``kompressor watch-drift`` whenever the revision, the reference data or the spec changes.
+A process that dies is restarted by the next ``Serve``, with a growing back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import aiohttp
+
+from kompressor import commands
+from kompressor.console import log
+from kompressor.core.actions import Serve
+from kompressor.core.observed import ServingState
+from kompressor.embedded.layout import ModelDir, append_jsonl
+from kompressor.embedded.processes import Child
+from kompressor.store import resolve_local
+
+HOST = "127.0.0.1"
+READY_POLL_SECONDS = 0.2
+SWAP_TIMEOUT_SECONDS = 120
+MAX_BACKOFF_SECONDS = 30.0
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    not_before: float = 0.0
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.not_before = time.monotonic() + min(2.0 ** (self.failures - 1), MAX_BACKOFF_SECONDS)
+
+    def wait_seconds(self) -> float:
+        return max(0.0, self.not_before - time.monotonic())
+
+
+class LocalServing:
+    def __init__(self, name: str, port: int, files: ModelDir, changed: Callable[[], None]):
+        self.name = name
+        self.port = port
+        self.files = files
+        self.changed = changed
+        self.server: Child | None = None
+        self.server_target: tuple[int, str] | None = None  # (revision, sha256) it was asked to serve
+        self.served_revision: int | None = None
+        self.ready = False
+        self.watcher: Child | None = None
+        self.watcher_key: tuple | None = None
+        self._server_backoff = _Backoff()
+        self._watcher_backoff = _Backoff()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def state(self) -> ServingState | None:
+        if self.server is None:
+            return None
+        return ServingState(revision=self.served_revision, ready=self.ready and self.server.running)
+
+    async def apply(self, action: Serve, spec_file: Path) -> None:
+        artifact_dir = resolve_local(action.artifact.uri)
+        target = (action.revision, action.artifact.sha256)
+        if self.server is None or not self.server.running:
+            await self._start_server(artifact_dir, target)
+        elif target != self.server_target:
+            await self._hot_swap(artifact_dir, target)
+        await self._ensure_watcher(action, spec_file)
+
+    async def _start_server(self, artifact_dir: Path, target: tuple[int, str]) -> None:
+        wait = self._server_backoff.wait_seconds()
+        if wait:
+            self._later(wait)
+            return
+        argv = commands.serve_argv(str(artifact_dir), self.name, self.port, str(self.files.capture), host=HOST)
+        self.server = Child(argv, self.files.logs / "serving.log")
+        self.server_target, self.served_revision, self.ready = target, None, False
+        await self.server.start()
+        log("serving started", model=self.name, revision=target[0], url=self.url, pid=self.server.pid)
+        self._spawn(self._await_ready(self.server, target[0]))
+
+    async def _await_ready(self, server: Child, revision: int) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while server.running:
+                try:
+                    async with http.get(f"{self.url}/v2/health/ready") as response:
+                        if response.status == 200:
+                            break
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    pass
+                await asyncio.sleep(READY_POLL_SECONDS)
+        if server is not self.server:
+            return
+        if server.running:
+            self.ready, self.served_revision = True, revision
+            self._server_backoff = _Backoff()
+            log("serving ready", model=self.name, revision=revision, url=self.url)
+            self._record(revision)
+            self.changed()
+        code = await server.wait()
+        if server is self.server:  # not stopped by us
+            self.ready, self.served_revision = False, None
+            self._server_backoff.failed()
+            log("serving exited", level="warning", model=self.name, exit_code=code,
+                message=server.failure_message())
+            self.changed()
+
+    async def _hot_swap(self, artifact_dir: Path, target: tuple[int, str]) -> None:
+        body = {"parameters": {"artifact": str(artifact_dir), "sha256": target[1]}}
+        url = f"{self.url}/v2/repository/models/{self.name}/load"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SWAP_TIMEOUT_SECONDS)) as http:
+                async with http.post(url, json=body) as response:
+                    text = await response.text()
+                    if response.status != 200:
+                        log("hot-swap refused", level="warning", model=self.name, revision=target[0],
+                            http_status=response.status, message=text[:300])
+                        return
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            log("hot-swap failed", level="warning", model=self.name, revision=target[0], message=str(err))
+            return
+        self.server_target, self.served_revision = target, target[0]
+        log("serving swapped", model=self.name, revision=target[0])
+        self._record(target[0])
+        self.changed()
+
+    async def _ensure_watcher(self, action: Serve, spec_file: Path) -> None:
+        if action.drift_reference is None:
+            await self._stop_watcher()
+            return
+        key = (action.revision, action.drift_reference, str(spec_file))
+        if self.watcher is not None and self.watcher.running and key == self.watcher_key:
+            return
+        wait = self._watcher_backoff.wait_seconds()
+        if wait:
+            self._later(wait)
+            return
+        await self._stop_watcher()
+        argv = commands.watcher_argv(
+            str(spec_file), str(self.files.capture), str(self.files.verdict), action.revision,
+            reference=action.drift_reference, state=str(self.files.drift_state / f"r{action.revision}"),
+        )
+        self.files.capture.mkdir(parents=True, exist_ok=True)
+        self.watcher, self.watcher_key = Child(argv, self.files.logs / "drift-watcher.log"), key
+        await self.watcher.start()
+        log("drift watcher started", model=self.name, revision=action.revision,
+            reference=action.drift_reference, pid=self.watcher.pid)
+        self._spawn(self._await_watcher_exit(self.watcher))
+
+    async def _await_watcher_exit(self, watcher: Child) -> None:
+        code = await watcher.wait()
+        if watcher is self.watcher:
+            self._watcher_backoff.failed()
+            log("drift watcher exited", level="warning", model=self.name, exit_code=code,
+                message=watcher.failure_message())
+            self.changed()
+
+    async def _stop_watcher(self) -> None:
+        watcher, self.watcher, self.watcher_key = self.watcher, None, None
+        if watcher:
+            await watcher.stop()
+
+    async def stop(self) -> None:
+        server, self.server = self.server, None
+        self.ready, self.served_revision, self.server_target = False, None, None
+        await self._stop_watcher()
+        if server:
+            await server.stop()
+        for task in list(self._tasks):
+            task.cancel()
+
+    def _record(self, revision: int) -> None:
+        from datetime import datetime, timezone
+
+        append_jsonl(self.files.serving_history, {"time": datetime.now(timezone.utc).isoformat(),
+                                                  "revision": revision})
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _later(self, seconds: float) -> None:
+        asyncio.get_running_loop().call_later(seconds, self.changed)
