@@ -36,10 +36,12 @@ def log(event: str, level: str = "info", **fields: Any) -> None:
         print(json.dumps(record, default=str), file=sys.stderr, flush=True)
         return
     from rich.console import Console
+    from rich.markup import escape
 
     style = {"error": "bold red", "warning": "yellow"}.get(level, "")
-    facts = " ".join(f"[dim]{k}=[/dim]{v}" for k, v in fields.items())
-    Console(stderr=True).print(f"[{style}]{event}[/{style}] {facts}" if style else f"{event} {facts}")
+    text = escape(event)  # event text is data, never markup: "[r1]" must print as is
+    facts = " ".join(f"[dim]{k}=[/dim]{escape(str(v))}" for k, v in fields.items())
+    Console(stderr=True).print(f"[{style}]{text}[/{style}] {facts}" if style else f"{text} {facts}")
 
 
 class Progress:
