@@ -1,0 +1,188 @@
+"""The objects a CompressedModel owns, built as plain dicts. Pure: no API access here."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+
+from kompressor import commands
+from kompressor.api import defaults as d
+from kompressor.api.manifest import CompressedModel
+from kompressor.core import names
+from kompressor.core.actions import RunJob, Serve
+from kompressor.k8s import resources as r
+from kompressor.k8s.storage import PodStore, pod_path_of
+
+SPEC_FILE = "compressedmodel.yaml"
+SPEC_MOUNT = "/etc/kompressor"
+SPEC_VOLUME = "spec"
+CAPTURE_KEY = "{namespace}/{name}/capture"
+DRIFT_STATE_KEY = "{namespace}/{name}/drift-state"
+CACHE_KEY = "_cache"
+
+_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+
+
+def labels(cm: CompressedModel, component: str, revision: int | None = None) -> dict[str, str]:
+    out = {
+        r.LABEL_NAME: "kompressor", r.LABEL_INSTANCE: cm.name, r.LABEL_COMPONENT: component,
+        r.LABEL_MANAGED_BY: r.MANAGED_BY,
+    }
+    if revision is not None:
+        out[r.LABEL_REVISION] = str(revision)
+    return out
+
+
+def owner_reference(cm: CompressedModel) -> dict:
+    return {"apiVersion": d.API_VERSION, "kind": d.KIND, "name": cm.name, "uid": cm.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(cm: CompressedModel, name: str, component: str, revision: int | None = None) -> dict:
+    return {"name": name, "namespace": cm.namespace, "labels": labels(cm, component, revision),
+            "ownerReferences": [owner_reference(cm)]}
+
+
+def spec_configmap_name(cm: CompressedModel) -> str:
+    return f"{cm.name}-spec-g{cm.generation}"
+
+
+def spec_configmap(cm: CompressedModel) -> dict:
+    """The resource as the user wrote it, for the jobs' --spec (one per generation: immutable)."""
+    doc = {"apiVersion": d.API_VERSION, "kind": d.KIND,
+           "metadata": {"name": cm.name, "namespace": cm.namespace, "generation": cm.generation},
+           "spec": cm.raw_spec}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(cm, spec_configmap_name(cm), "spec"),
+            # JSON is YAML, and ~20x cheaper to write than PyYAML's emitter at thousands of resources.
+            "data": {SPEC_FILE: json.dumps(doc, indent=2)}}
+
+
+def _spec_volume(cm: CompressedModel) -> tuple[dict, dict]:
+    volume = {"name": SPEC_VOLUME, "configMap": {"name": spec_configmap_name(cm)}}
+    mount = {"name": SPEC_VOLUME, "mountPath": SPEC_MOUNT, "readOnly": True}
+    return volume, mount
+
+
+def _env(store: PodStore) -> list[dict]:
+    return [*store.env, {"name": "KOMPRESSOR_CACHE", "value": store.path(CACHE_KEY)},
+            {"name": "KOMPRESSOR_JSON_LOGS", "value": "1"}]
+
+
+def job(cm: CompressedModel, action: RunJob, store: PodStore) -> dict:
+    jobs = cm.spec.jobs
+    spec_path = f"{SPEC_MOUNT}/{SPEC_FILE}"
+    if action.kind == "prune":
+        argv = commands.prune_argv(spec_path, store.path(action.candidate_key), action.revision,
+                                   store.path(f"{CACHE_KEY}/baselines"), retrain=action.retrain)
+    else:
+        argv = commands.evaluate_argv(spec_path, store.path(action.candidate_key), store.path(action.eval_key))
+    resources = copy.deepcopy(jobs.resources or {})
+    if action.kind == "prune" and jobs.gpu > 0:
+        resources.setdefault("limits", {})["nvidia.com/gpu"] = jobs.gpu
+    spec_volume, spec_mount = _spec_volume(cm)
+    meta = _metadata(cm, action.name, action.kind, action.revision)
+    meta["labels"][r.LABEL_GENERATION] = str(action.generation)
+    pod_spec = {
+        "restartPolicy": "Never",
+        "containers": [{
+            "name": action.kind, "image": jobs.image, "command": argv, "env": _env(store),
+            "resources": resources, "volumeMounts": [spec_mount, store.mount],
+            "securityContext": _SECURITY_CONTEXT,
+        }],
+        "volumes": [spec_volume, store.volume],
+    }
+    if jobs.node_selector:
+        pod_spec["nodeSelector"] = dict(jobs.node_selector)
+    if jobs.tolerations:
+        pod_spec["tolerations"] = copy.deepcopy(jobs.tolerations)
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+        "spec": {"backoffLimit": jobs.backoff_limit, "activeDeadlineSeconds": jobs.active_deadline_seconds,
+                 "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec}},
+    }
+
+
+def serving_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> dict:
+    serving = cm.spec.serving
+    capture = store.path(CAPTURE_KEY.format(namespace=cm.namespace, name=cm.name))
+    argv = commands.serve_argv(pod_path_of(action.artifact.uri), cm.name, serving.port, capture)
+    meta = _metadata(cm, names.serving_name(cm.name), "serving", action.revision)
+    probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
+    container = {
+        "name": "serve", "image": cm.spec.jobs.image, "command": argv, "env": _env(store),
+        "ports": [{"name": "http", "containerPort": serving.port}],
+        "readinessProbe": probe,
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10},
+        "resources": copy.deepcopy(serving.resources or {}), "volumeMounts": [store.mount],
+        "securityContext": _SECURITY_CONTEXT,
+    }
+    return _deployment(meta, serving.replicas, "serving", container, [store.volume],
+                       sha256=action.artifact.sha256)
+
+
+def watcher_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> dict:
+    key = {"namespace": cm.namespace, "name": cm.name}
+    argv = commands.watcher_argv(
+        f"{SPEC_MOUNT}/{SPEC_FILE}", store.path(CAPTURE_KEY.format(**key)), f"k8s://{cm.namespace}/{cm.name}",
+        action.revision, reference=action.drift_reference, state=store.path(DRIFT_STATE_KEY.format(**key)))
+    spec_volume, spec_mount = _spec_volume(cm)
+    meta = _metadata(cm, names.watcher_name(cm.name), "drift-watcher", action.revision)
+    container = {"name": "watch-drift", "image": cm.spec.jobs.image, "command": argv, "env": _env(store),
+                 "volumeMounts": [spec_mount, store.mount], "securityContext": _SECURITY_CONTEXT}
+    body = _deployment(meta, 1, "drift-watcher", container, [spec_volume, store.volume])
+    body["spec"]["strategy"] = {"type": "Recreate"}  # never two watchers patching one status
+    body["spec"]["template"]["spec"]["serviceAccountName"] = r.WATCHER_ACCOUNT
+    return with_hash(body)
+
+
+def _deployment(meta: dict, replicas: int, component: str, container: dict, volumes: list[dict],
+                sha256: str | None = None) -> dict:
+    selector = {r.LABEL_INSTANCE: meta["labels"][r.LABEL_INSTANCE], r.LABEL_COMPONENT: component}
+    template_meta = {"labels": dict(meta["labels"])}
+    if sha256:
+        template_meta["annotations"] = {f"{d.GROUP}/sha256": sha256}
+    body = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
+        "spec": {"replicas": replicas, "selector": {"matchLabels": selector},
+                 "template": {"metadata": template_meta,
+                              "spec": {"containers": [container], "volumes": volumes}}},
+    }
+    return with_hash(body)
+
+
+def service(cm: CompressedModel) -> dict:
+    port = cm.spec.serving.port
+    return with_hash({
+        "apiVersion": "v1", "kind": "Service", "metadata": _metadata(cm, names.serving_name(cm.name), "serving"),
+        "spec": {"selector": {r.LABEL_INSTANCE: cm.name, r.LABEL_COMPONENT: "serving"},
+                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+    })
+
+
+def watcher_account(namespace: str) -> dict:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": {"name": r.WATCHER_ACCOUNT, "namespace": namespace,
+                         "labels": {r.LABEL_NAME: "kompressor", r.LABEL_COMPONENT: "drift-watcher",
+                                    r.LABEL_MANAGED_BY: r.MANAGED_BY}}}
+
+
+def watcher_binding(namespace: str) -> dict:
+    """Binds the chart's ClusterRole (get compressedmodels, patch their status) in one namespace."""
+    account = watcher_account(namespace)
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": account["metadata"],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": r.WATCHER_CLUSTER_ROLE},
+            "subjects": [{"kind": "ServiceAccount", "name": r.WATCHER_ACCOUNT, "namespace": namespace}]}
+
+
+def with_hash(body: dict) -> dict:
+    """Stamp the desired state's digest, so an unchanged object is never patched."""
+    digest = hashlib.sha256(json.dumps([body["metadata"].get("labels"), body["spec"]], sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
+    body["metadata"].setdefault("annotations", {})[r.ANNOTATION_APPLIED_HASH] = digest
+    return body
+
+
+def applied_hash(obj: dict | None) -> str | None:
+    return ((obj or {}).get("metadata") or {}).get("annotations", {}).get(r.ANNOTATION_APPLIED_HASH)

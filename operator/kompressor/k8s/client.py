@@ -1,0 +1,82 @@
+"""One small async HTTP client for the Kubernetes API (aiohttp), configured like kubectl.
+
+Credentials come from the pod's service account, else from $KUBECONFIG / ~/.kube/config
+(the `kubernetes` package's loaders), i.e. the same sources Kopf logs in with.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import aiohttp
+
+from kompressor.k8s.access import Access
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        self.status = status
+        super().__init__(f"HTTP {status}: {message}")
+
+
+def load_configuration():
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=cfg)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=cfg)
+    return cfg
+
+
+class ApiClient:
+    def __init__(self, configuration=None, limit: int = 32):
+        self._cfg = configuration or load_configuration()
+        self._limit = limit
+        self._session: aiohttp.ClientSession | None = None
+
+    def _ssl(self):
+        cfg = self._cfg
+        if not cfg.host.startswith("https"):
+            return None
+        if not cfg.verify_ssl:
+            return False
+        context = ssl.create_default_context(cafile=cfg.ssl_ca_cert)
+        if cfg.cert_file:
+            context.load_cert_chain(cfg.cert_file, cfg.key_file)
+        return context
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=self._limit, ssl=self._ssl())
+            self._session = aiohttp.ClientSession(base_url=None, connector=connector,
+                                                  timeout=aiohttp.ClientTimeout(total=60))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def call(self, access: Access, namespace: str | None = None, name: str | None = None,
+                   body: Any = None, params: dict | None = None) -> Any:
+        headers = {"Accept": "application/json"}
+        auth = self._cfg.get_api_key_with_prefix("authorization")
+        if auth:
+            headers["Authorization"] = auth
+        if access.verb == "patch":
+            headers["Content-Type"] = "application/merge-patch+json"
+        url = self._cfg.host.rstrip("/") + access.resource.path(namespace, name, access.subresource)
+        async with self.session.request(access.method, url, json=body, params=params, headers=headers) as resp:
+            if resp.status >= 400:
+                text = await resp.text()
+                try:
+                    import json
+
+                    text = json.loads(text).get("message", text)
+                except ValueError:
+                    pass
+                raise ApiError(resp.status, str(text)[:500])
+            return await resp.json(content_type=None)

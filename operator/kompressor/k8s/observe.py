@@ -1,0 +1,80 @@
+"""Turning what the API shows into the reconcile core's ``Observed``. Pure except reading
+metrics.json from the artifact store."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from kompressor.api.manifest import CompressedModel
+from kompressor.api.report import EvalReport
+from kompressor.core import names
+from kompressor.core.observed import JobState, Observed, ServingState
+from kompressor.k8s import resources as r
+
+
+def _time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def job_state(name: str, labels: dict, status: dict) -> JobState | None:
+    """A Job's state from its labels and status; None for Jobs that are not ours."""
+    try:
+        kind = labels[r.LABEL_COMPONENT]
+        revision = int(labels[r.LABEL_REVISION])
+        generation = int(labels[r.LABEL_GENERATION])
+    except (KeyError, ValueError):
+        return None
+    if kind not in ("prune", "evaluate"):
+        return None
+    conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    phase, message, finished = "Pending", "", None
+    if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
+        phase = "Succeeded"
+        finished = _time(status.get("completionTime") or conditions.get("Complete", {}).get("lastTransitionTime"))
+    elif "Failed" in conditions:
+        phase = "Failed"
+        failed = conditions["Failed"]
+        message = failed.get("message") or failed.get("reason") or "the Job failed"
+        finished = _time(failed.get("lastTransitionTime"))
+    elif status.get("active") or status.get("startTime"):
+        phase = "Running"
+    return JobState(name=name, kind=kind, revision=revision, generation=generation, phase=phase,
+                    message=message, started_at=_time(status.get("startTime")), finished_at=finished)
+
+
+def serving_state(labels: dict, spec: dict, status: dict, generation: int | None) -> ServingState:
+    """Ready = the current template is rolled out and every wanted replica is ready."""
+    try:
+        revision = int(labels[r.LABEL_REVISION])
+    except (KeyError, ValueError):
+        revision = None
+    wanted = int(spec.get("replicas", 1))
+    rolled_out = generation is None or int(status.get("observedGeneration") or 0) >= generation
+    ready = (rolled_out and int(status.get("updatedReplicas") or 0) >= wanted
+             and int(status.get("readyReplicas") or 0) >= wanted)
+    return ServingState(revision=revision, ready=ready)
+
+
+def read_reports(store: Any, cm: CompressedModel, jobs: Iterable[JobState]) -> dict[int, EvalReport]:
+    """metrics.json of every succeeded evaluation Job that is still around."""
+    reports: dict[int, EvalReport] = {}
+    for job in jobs:
+        if job.kind == "evaluate" and job.phase == "Succeeded":
+            try:
+                reports[job.revision] = EvalReport.read(store.path(names.eval_key(cm.namespace, cm.name, job.revision)))
+            except (OSError, ValueError, KeyError):
+                pass  # not readable (yet): the core waits for it
+    return reports
+
+
+def observe(cm: CompressedModel, jobs: Iterable[JobState], serving: ServingState | None, store: Any,
+            now: datetime | None = None) -> Observed:
+    jobs = tuple(sorted(jobs, key=lambda j: j.name))
+    return Observed(model=cm, now=now or datetime.now(timezone.utc), jobs=jobs, serving=serving,
+                    reports=read_reports(store, cm, jobs))
