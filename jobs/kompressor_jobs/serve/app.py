@@ -1,0 +1,200 @@
+"""The aiohttp application: OIP v2 routes, the hot-swap endpoint, /metrics and request capture."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kompressor import __version__
+from kompressor.console import log
+from kompressor.errors import UserError
+from kompressor_jobs.capture import CaptureWriter
+from kompressor_jobs.serve.metrics import ServerMetrics
+from kompressor_jobs.serve.model import LoadedModel
+from kompressor_jobs.serve.oip import BadRequest, decode_request, encode_response
+
+# Requests up to this many input values run ORT on the event loop (a thread hop costs more than the
+# run itself on small models); bigger ones run in the default executor so the loop keeps answering.
+INLINE_ELEMENTS = 8192
+EXTENSIONS = ["model_repository"]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class InferenceServer:
+    """Serves one model name; the model behind it can be swapped while requests are in flight."""
+
+    def __init__(self, name: str, model: LoadedModel, capture: str | Path | None = None,
+                 capture_max_bytes: int = 64 << 20, max_body_bytes: int = 8 << 20):
+        self.name = name
+        self.model = model
+        self.max_body_bytes = max_body_bytes
+        self.metrics = ServerMetrics()
+        self.metrics.revision.labels(name).set(model.revision)
+        self._swap_lock = asyncio.Lock()
+        self.capture = None
+        if capture:
+            self.capture = CaptureWriter(
+                capture, capture_max_bytes,
+                on_drop=lambda rows, reason: self.metrics.capture_dropped.labels(name, reason).inc(rows),
+                on_write=lambda rows: self.metrics.captured.labels(name).inc(rows))
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_as_json])
+        for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            app.router.add_get(prefix, self.model_metadata)
+            app.router.add_get(prefix + "/ready", self.model_ready)
+            app.router.add_post(prefix + "/infer", self.infer)
+        app.router.add_get("/v2", self.server_metadata)
+        app.router.add_get("/v2/health/live", self.live)
+        app.router.add_get("/v2/health/ready", self.ready)
+        app.router.add_post("/v2/repository/index", self.repository_index)
+        app.router.add_post("/v2/repository/models/{name}/load", self.load)
+        app.router.add_get("/metrics", self.prometheus)
+        app.on_cleanup.append(self._close_capture)
+        return app
+
+    @web.middleware
+    async def _errors_as_json(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException as err:
+            if err.status < 400:
+                raise
+            return _error(err.status, err.reason if not err.text or err.text.startswith(str(err.status))
+                          else err.text)
+
+    async def _close_capture(self, app) -> None:
+        if self.capture:
+            await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
+
+    def _find(self, request: web.Request) -> LoadedModel:
+        """The model a URL names, or an HTTP 404."""
+        name = request.match_info["name"]
+        model = self.model
+        if name != self.name:
+            raise web.HTTPNotFound(text=f"model {name!r} not found (this server serves {self.name!r})")
+        version = request.match_info.get("version")
+        if version is not None and version != model.version:
+            raise web.HTTPNotFound(text=f"model {name!r} has no version {version!r} (serving {model.version})")
+        return model
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response({"name": "kompressor", "version": __version__, "extensions": EXTENSIONS})
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": True})
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(self._find(request).metadata(self.name))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        self._find(request)
+        return web.json_response({"name": self.name, "ready": True})
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        return web.json_response([{"name": self.name, "version": self.model.version, "state": "READY"}])
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def infer(self, request: web.Request) -> web.Response:
+        started = time.perf_counter()
+        model = self.model  # this request finishes on this model even if a swap happens meanwhile
+        try:
+            model = self._find(request)
+            try:
+                body = json.loads(await request.read())
+            except (ValueError, UnicodeDecodeError) as err:
+                raise BadRequest(f"request body is not valid JSON: {err}") from None
+            feeds, outputs, request_id = decode_request(body, model)
+            elements = sum(a.size for a in feeds.values())
+            if elements <= INLINE_ELEMENTS:
+                results = model.run(feeds, outputs)
+            else:
+                results = await asyncio.get_running_loop().run_in_executor(None, model.run, feeds, outputs)
+        except BadRequest as err:
+            return self._failed(model, 400, str(err))
+        except web.HTTPException as err:
+            self.metrics.errors.labels(self.name, model.version, str(err.status)).inc()
+            raise
+        except Exception as err:  # ORT rejects what the schema check could not see (e.g. a bad graph input)
+            if type(err).__name__ in ("InvalidArgument", "Fail", "RuntimeException"):
+                return self._failed(model, 400, f"the model rejected the input: {err}")
+            log("inference failed", level="error", error=repr(err))
+            return self._failed(model, 500, f"inference failed: {type(err).__name__}")
+        names = outputs or model.output_names
+        response = encode_response(self.name, model, names, results, request_id)
+        rows = next(iter(feeds.values())).shape[0]
+        if self.capture is not None:
+            self.capture.submit(tuple(feeds[spec.name] for spec in model.inputs), model.revision)
+        requests, batch, latency = self.metrics.for_revision(self.name, model.version)
+        requests.inc()
+        batch.observe(rows)
+        latency.observe(time.perf_counter() - started)
+        return web.json_response(response)
+
+    def _failed(self, model: LoadedModel, status: int, message: str) -> web.Response:
+        self.metrics.errors.labels(self.name, model.version, str(status)).inc()
+        return _error(status, message)
+
+    async def load(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name != self.name:
+            raise web.HTTPNotFound(text=f"model {name!r} not found (this server serves {self.name!r})")
+        try:
+            body = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as err:
+            return _error(400, f"request body is not valid JSON: {err}")
+        params = body.get("parameters") if isinstance(body, dict) else None
+        artifact = params.get("artifact") if isinstance(params, dict) else None
+        sha256 = params.get("sha256") if isinstance(params, dict) else None
+        if not isinstance(artifact, str) or not artifact:
+            return _error(400, "parameters.artifact (the artifact folder) is required")
+        if sha256 is not None and not isinstance(sha256, str):
+            return _error(400, "parameters.sha256 must be a string")
+        folder = _artifact_path(artifact)
+        if folder is None:
+            return _error(400, f"parameters.artifact must be an absolute path or a file:// URI, got {artifact!r}")
+        async with self._swap_lock:
+            loop = asyncio.get_running_loop()
+            try:
+                new = await loop.run_in_executor(None, _load_and_warm, folder, sha256)
+            except UserError as err:
+                self.metrics.swaps.labels(self.name, "failed").inc()
+                log("hot swap refused", level="warning", artifact=str(folder), error=str(err))
+                return _error(400, str(err))
+            old, self.model = self.model, new
+            self.metrics.revision.labels(self.name).set(new.revision)
+            self.metrics.swaps.labels(self.name, "loaded").inc()
+        log("model swapped", model=self.name, old_revision=old.revision, revision=new.revision, sha256=new.sha256)
+        return web.json_response({"name": self.name, "version": new.version, "sha256": new.sha256})
+
+
+def _load_and_warm(folder: Path, sha256: str | None) -> LoadedModel:
+    model = LoadedModel(folder, sha256)
+    model.warm_up()
+    return model
+
+
+def _artifact_path(artifact: str) -> Path | None:
+    if artifact.startswith(("file://", "pvc://")):
+        from kompressor.store import StoreError, resolve_local
+
+        try:
+            return resolve_local(artifact)
+        except StoreError:
+            return None
+    path = Path(artifact)
+    return path if path.is_absolute() and ".." not in path.parts else None

@@ -1,0 +1,38 @@
+"""The inference server's Prometheus metrics (one registry per server)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("kompressor_inference_requests", "Successful inference requests.",
+                                ["model", "revision"], registry=r)
+        self.errors = Counter("kompressor_inference_errors", "Failed inference requests, by HTTP status.",
+                              ["model", "revision", "code"], registry=r)
+        self.latency = Histogram("kompressor_inference_latency_seconds",
+                                 "Time from request received to response ready (successful requests).",
+                                 ["model", "revision"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch = Histogram("kompressor_inference_batch_size", "Rows per successful request.",
+                               ["model", "revision"], buckets=BATCH_BUCKETS, registry=r)
+        self.revision = Gauge("kompressor_serving_revision", "Revision being served.", ["model"], registry=r)
+        self.swaps = Counter("kompressor_model_swaps", "Hot swaps, by outcome.", ["model", "outcome"], registry=r)
+        self.captured = Counter("kompressor_capture_rows", "Rows written to the capture folder.", ["model"],
+                                registry=r)
+        self._children: dict[tuple[str, str], tuple] = {}
+        self.capture_dropped = Counter("kompressor_capture_dropped_rows",
+                                       "Rows not kept for drift watching (queue_full, size_cap, write_error).",
+                                       ["model", "reason"], registry=r)
+
+    def for_revision(self, model: str, revision: str) -> tuple:
+        """(requests, batch, latency) children for one revision, looked up once (labels() is not free)."""
+        key = (model, revision)
+        if key not in self._children:
+            self._children[key] = (self.requests.labels(*key), self.batch.labels(*key), self.latency.labels(*key))
+        return self._children[key]
