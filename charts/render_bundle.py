@@ -153,10 +153,9 @@ def bundle_text() -> str:
             "name": NAMESPACE,
             "labels": {
                 "app.kubernetes.io/part-of": "kompressor",
-                # The operator Pod meets the "restricted" Pod Security Standard; "baseline" is enforced
-                # because the Jobs and serving Pods the operator creates here do not declare
-                # runAsNonRoot/seccompProfile yet (their image runs as UID 10001), "restricted" is warned about.
-                "pod-security.kubernetes.io/enforce": "baseline",
+                # The operator Pod and every Job, serving and drift-watcher Pod it creates meet the
+                # "restricted" Pod Security Standard (tests/operator/test_child_objects.py).
+                "pod-security.kubernetes.io/enforce": "restricted",
                 "pod-security.kubernetes.io/audit": "restricted",
                 "pod-security.kubernetes.io/warn": "restricted",
             },

@@ -44,9 +44,9 @@ def test_bundle_applies_in_order_and_holds_the_chart_with_its_crds():
     assert not [o for o in objects if o["apiVersion"].startswith("kopf.dev/")]
     args = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--standalone" in args
-    # The namespace enforces Pod Security (baseline; restricted is audited and warned about).
+    # The namespace enforces Pod Security "restricted": the operator's Pod and the Pods it creates meet it.
     labels = objects[0]["metadata"]["labels"]
-    assert labels["pod-security.kubernetes.io/enforce"] == "baseline"
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
     assert labels["pod-security.kubernetes.io/warn"] == labels["pod-security.kubernetes.io/audit"] == "restricted"
 
 

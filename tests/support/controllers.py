@@ -3,12 +3,13 @@ loopback API, with local subprocesses instead of pods.
 
 - Job: runs the container's command (the real `kompressor prune|evaluate`) as a subprocess,
   with volume mounts mapped to local folders (ConfigMap -> files, PVC -> ``pvc_root/CLAIM``,
-  hostPath -> itself, emptyDir -> a scratch folder), retries up to ``backoffLimit``, honours
-  ``activeDeadlineSeconds``, and writes the Job's status back (startTime, active, succeeded,
-  failed, conditions Complete/Failed) through the API, as the real controller does.
+  hostPath -> itself; an emptyDir is not mapped: the process uses the local temp dir), retries up
+  to ``backoffLimit``, honours ``activeDeadlineSeconds``, and writes the Job's status back (startTime,
+  active, succeeded, failed, conditions Complete/Failed) through the API, as the real controller does.
 - Deployment: runs one process per Deployment (replicas > 0) from its pod template; the serving
   container gets a free loopback port (``ports[(namespace, deployment)]``), and the status
   (observedGeneration, updated/ready replicas) is written once its readiness probe answers.
+  A container port named ``metrics`` (the drift watcher's) becomes a free ``--metrics-port`` instead.
   A changed template restarts the process; a deleted Deployment or Job stops it.
 """
 
@@ -212,12 +213,15 @@ class ClusterControllers:
 
     async def _run_container(self, meta: dict, pod: dict, pod_name: str, port: int | None = None) -> int:
         container = pod["containers"][0]
-        mounts = await self._mount(meta["namespace"], pod, container, pod_name)
+        mounts = await self._mount(meta["namespace"], pod, container)
         argv = [_map(arg, mounts) for arg in container["command"] + container.get("args", [])]
         if argv[0] == "kompressor":
             argv = [sys.executable, "-m", "kompressor.cli", *argv[1:]]
-        if port is not None:
-            argv = _set_flag(_set_flag(argv, "--port", str(port)), "--host", "127.0.0.1")
+        if port is not None:  # every pod has its own network; here they share loopback: a free port each
+            if (container.get("ports") or [{}])[0].get("name") == "metrics":  # the drift watcher
+                argv = _set_flag(argv, "--metrics-port", str(port))
+            else:
+                argv = _set_flag(_set_flag(argv, "--port", str(port)), "--host", "127.0.0.1")
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         for item in container.get("env", []):
             env[item["name"]] = _map(item.get("value", ""), mounts)
@@ -241,7 +245,7 @@ class ClusterControllers:
                         proc.kill()
                         await proc.wait()
 
-    async def _mount(self, namespace: str, pod: dict, container: dict, pod_name: str) -> list[tuple[str, str]]:
+    async def _mount(self, namespace: str, pod: dict, container: dict) -> list[tuple[str, str]]:
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         out = []
         for mount in container.get("volumeMounts", []):
@@ -258,8 +262,8 @@ class ClusterControllers:
                 local = self.pvc_root / volume["persistentVolumeClaim"]["claimName"]
             elif "hostPath" in volume:
                 local = Path(volume["hostPath"]["path"])
-            else:
-                local = self.workdir / "emptydir" / namespace / pod_name / mount["name"]
+            else:  # emptyDir: scratch space (the pods' /tmp) that no command line names; a local
+                continue  # /tmp mapped elsewhere would move the test's own temporary paths
             local.mkdir(parents=True, exist_ok=True)
             out.append((mount["mountPath"].rstrip("/"), str(local)))
         return sorted(out, key=lambda m: -len(m[0]))

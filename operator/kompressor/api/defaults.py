@@ -36,9 +36,14 @@ MIN_SLICE_SAMPLES = 20
 # spec.serving
 SERVING_REPLICAS = 1
 SERVING_PORT = 8080
+SERVING_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
 
 # spec.jobs
 JOB_GPU = 0
+# Container resources when spec.jobs.resources / spec.serving.resources is unset (a BestEffort Pod is the
+# first evicted, and a namespace quota on requests or limits rejects it). No CPU limit: it would only
+# throttle pruning and inference; set one in the spec where a quota demands it.
+JOB_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "8Gi"}}
 JOB_BACKOFF_LIMIT = 2
 JOB_ACTIVE_DEADLINE_SECONDS = 3600
 
@@ -57,6 +62,10 @@ DRIFT_ROLLBACK_TO = "previous"
 DRIFT_COOLDOWN_SECONDS = 300
 DRIFT_MAX_RETRAINS = 3
 DRIFT_MAX_AUTO_ACTIONS = 3
+# The drift watcher Pod (not part of the spec): its Prometheus port (container port "metrics", scraped by
+# the chart's PodMonitor) and its resources.
+DRIFT_METRICS_PORT = 9102
+DRIFT_WATCHER_RESOURCES = {"requests": {"cpu": "100m", "memory": "768Mi"}, "limits": {"memory": "2Gi"}}
 
 # spec.promotion
 REQUIRE_APPROVAL = False

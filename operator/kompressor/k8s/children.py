@@ -20,8 +20,36 @@ SPEC_VOLUME = "spec"
 CAPTURE_KEY = "{namespace}/{name}/capture"
 DRIFT_STATE_KEY = "{namespace}/{name}/drift-state"
 CACHE_KEY = "_cache"
+TMP_VOLUME = "tmp"
+TMP_MOUNT = "/tmp"  # HOME and temp files of the jobs image; the root filesystem is read-only
+METRICS_PORT_NAME = "metrics"  # the chart's PodMonitor scrapes this port on watcher Pods ("http" on serving)
 
-_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+# The non-root user of the jobs image (jobs/Dockerfile: USER 10001:10001). Set explicitly, so that a custom
+# spec.jobs.image runs as non-root too, and as the group that owns what the Pods write on the artifact claim.
+JOBS_UID = 10001
+
+# Every Pod the operator creates meets the Pod Security "restricted" profile.
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True, "runAsUser": JOBS_UID, "runAsGroup": JOBS_UID,
+    "fsGroup": JOBS_UID, "fsGroupChangePolicy": "OnRootMismatch",  # chown a large claim only once
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {
+    "allowPrivilegeEscalation": False, "privileged": False, "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+# checkov policies that do not fit these Pods, skipped by annotation with the reason (as the chart does).
+_SKIP_DIGEST = ("CKV_K8S_43", "spec.jobs.image is pinned by a release tag; give it as image@sha256:... "
+                "to pull by digest.")
+_SKIP_PULL_POLICY = ("CKV_K8S_15", "IfNotPresent with pinned tags (or a digest) is deterministic and works "
+                     "with preloaded images.")
+_SKIP_CPU_LIMIT = ("CKV_K8S_11", "No CPU limit by default: it only throttles pruning, inference and drift "
+                   "checks; set one in spec.jobs.resources or spec.serving.resources.")
+_SKIP_TOKEN = ("CKV_K8S_38", "The drift watcher patches its CompressedModel's status, so it needs its "
+               "ServiceAccount token.")
+_SKIP_NETWORK_POLICY = ("CKV2_K8S_6", "Traffic of model Pods follows the namespace's own NetworkPolicies; "
+                        "the operator creates none (docs/deploy.md shows one).")
 
 
 def labels(cm: CompressedModel, component: str, revision: int | None = None) -> dict[str, str]:
@@ -64,6 +92,30 @@ def _spec_volume(cm: CompressedModel) -> tuple[dict, dict]:
     return volume, mount
 
 
+def _pod_spec(container: dict, volumes: list[dict], token: bool = False) -> dict:
+    """A restricted Pod: non-root, no privilege, read-only root with an emptyDir at /tmp."""
+    container = {**container, "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+                 "volumeMounts": [*container.get("volumeMounts", []), {"name": TMP_VOLUME, "mountPath": TMP_MOUNT}]}
+    return {"securityContext": copy.deepcopy(POD_SECURITY_CONTEXT), "automountServiceAccountToken": token,
+            "containers": [container], "volumes": [*volumes, {"name": TMP_VOLUME, "emptyDir": {}}]}
+
+
+def _resources(given: dict | None, default: dict) -> dict:
+    """The spec's resources as given; the defaults only when it sets none (never mixed: requests > limits)."""
+    return copy.deepcopy(given or default)
+
+
+def _checkov_skips(meta: dict, container: dict, *extra: tuple[str, str]) -> None:
+    skips = [_SKIP_PULL_POLICY, _SKIP_NETWORK_POLICY, *extra]
+    if "@sha256:" not in container["image"]:
+        skips.append(_SKIP_DIGEST)
+    if "cpu" not in (container.get("resources") or {}).get("limits", {}):
+        skips.append(_SKIP_CPU_LIMIT)
+    annotations = meta.setdefault("annotations", {})
+    for i, (check, reason) in enumerate(sorted(skips), start=1):
+        annotations[f"checkov.io/skip{i}"] = f"{check}={reason}"
+
+
 def _env(store: PodStore) -> list[dict]:
     return [*store.env, {"name": "KOMPRESSOR_CACHE", "value": store.path(CACHE_KEY)},
             {"name": "KOMPRESSOR_JSON_LOGS", "value": "1"}]
@@ -77,21 +129,16 @@ def job(cm: CompressedModel, action: RunJob, store: PodStore) -> dict:
                                    store.path(f"{CACHE_KEY}/baselines"), retrain=action.retrain)
     else:
         argv = commands.evaluate_argv(spec_path, store.path(action.candidate_key), store.path(action.eval_key))
-    resources = copy.deepcopy(jobs.resources or {})
+    resources = _resources(jobs.resources, d.JOB_RESOURCES)
     if action.kind == "prune" and jobs.gpu > 0:
         resources.setdefault("limits", {})["nvidia.com/gpu"] = jobs.gpu
     spec_volume, spec_mount = _spec_volume(cm)
     meta = _metadata(cm, action.name, action.kind, action.revision)
     meta["labels"][r.LABEL_GENERATION] = str(action.generation)
-    pod_spec = {
-        "restartPolicy": "Never",
-        "containers": [{
-            "name": action.kind, "image": jobs.image, "command": argv, "env": _env(store),
-            "resources": resources, "volumeMounts": [spec_mount, store.mount],
-            "securityContext": _SECURITY_CONTEXT,
-        }],
-        "volumes": [spec_volume, store.volume],
-    }
+    container = {"name": action.kind, "image": jobs.image, "command": argv, "env": _env(store),
+                 "resources": resources, "volumeMounts": [spec_mount, store.mount]}
+    _checkov_skips(meta, container)
+    pod_spec = {"restartPolicy": "Never", **_pod_spec(container, [spec_volume, store.volume])}
     if jobs.node_selector:
         pod_spec["nodeSelector"] = dict(jobs.node_selector)
     if jobs.tolerations:
@@ -114,9 +161,9 @@ def serving_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> d
         "ports": [{"name": "http", "containerPort": serving.port}],
         "readinessProbe": probe,
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10},
-        "resources": copy.deepcopy(serving.resources or {}), "volumeMounts": [store.mount],
-        "securityContext": _SECURITY_CONTEXT,
+        "resources": _resources(serving.resources, d.SERVING_RESOURCES), "volumeMounts": [store.mount],
     }
+    _checkov_skips(meta, container)
     return _deployment(meta, serving.replicas, "serving", container, [store.volume],
                        sha256=action.artifact.sha256)
 
@@ -125,19 +172,28 @@ def watcher_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> d
     key = {"namespace": cm.namespace, "name": cm.name}
     argv = commands.watcher_argv(
         f"{SPEC_MOUNT}/{SPEC_FILE}", store.path(CAPTURE_KEY.format(**key)), f"k8s://{cm.namespace}/{cm.name}",
-        action.revision, reference=action.drift_reference, state=store.path(DRIFT_STATE_KEY.format(**key)))
+        action.revision, reference=action.drift_reference, state=store.path(DRIFT_STATE_KEY.format(**key)),
+        metrics_port=d.DRIFT_METRICS_PORT)
     spec_volume, spec_mount = _spec_volume(cm)
     meta = _metadata(cm, names.watcher_name(cm.name), "drift-watcher", action.revision)
+    # The metrics server starts once the detector is built (importing Alibi Detect and loading the
+    # reference take a while): the startup probe allows for that, the others then watch the process.
+    metrics = {"httpGet": {"path": "/metrics", "port": METRICS_PORT_NAME}}
     container = {"name": "watch-drift", "image": cm.spec.jobs.image, "command": argv, "env": _env(store),
-                 "volumeMounts": [spec_mount, store.mount], "securityContext": _SECURITY_CONTEXT}
-    body = _deployment(meta, 1, "drift-watcher", container, [spec_volume, store.volume])
+                 "ports": [{"name": METRICS_PORT_NAME, "containerPort": d.DRIFT_METRICS_PORT}],
+                 "startupProbe": {**metrics, "periodSeconds": 5, "failureThreshold": 60},
+                 "readinessProbe": {**metrics, "periodSeconds": 10},
+                 "livenessProbe": {**metrics, "periodSeconds": 30, "timeoutSeconds": 5},
+                 "resources": copy.deepcopy(d.DRIFT_WATCHER_RESOURCES), "volumeMounts": [spec_mount, store.mount]}
+    _checkov_skips(meta, container, _SKIP_TOKEN)
+    body = _deployment(meta, 1, "drift-watcher", container, [spec_volume, store.volume], token=True)
     body["spec"]["strategy"] = {"type": "Recreate"}  # never two watchers patching one status
     body["spec"]["template"]["spec"]["serviceAccountName"] = r.WATCHER_ACCOUNT
     return with_hash(body)
 
 
 def _deployment(meta: dict, replicas: int, component: str, container: dict, volumes: list[dict],
-                sha256: str | None = None) -> dict:
+                sha256: str | None = None, token: bool = False) -> dict:
     selector = {r.LABEL_INSTANCE: meta["labels"][r.LABEL_INSTANCE], r.LABEL_COMPONENT: component}
     template_meta = {"labels": dict(meta["labels"])}
     if sha256:
@@ -145,8 +201,7 @@ def _deployment(meta: dict, replicas: int, component: str, container: dict, volu
     body = {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta,
         "spec": {"replicas": replicas, "selector": {"matchLabels": selector},
-                 "template": {"metadata": template_meta,
-                              "spec": {"containers": [container], "volumes": volumes}}},
+                 "template": {"metadata": template_meta, "spec": _pod_spec(container, volumes, token)}},
     }
     return with_hash(body)
 
