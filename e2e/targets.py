@@ -24,26 +24,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from support.net import free_port, port_open
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class EmbeddedTarget:
@@ -120,7 +108,6 @@ class EmulatorTarget:
     hot_swap = False  # the controllers fixture restarts a changed Deployment's process on a new port
 
     def __init__(self, workdir: Path, env: dict[str, str]):
-        sys.path.insert(0, str(REPO / "tests"))
         from support.cluster import Cluster  # tests/support: the emulator harness and controllers fixture
 
         self.cluster = Cluster(workdir, cache=Path(env["KOMPRESSOR_CACHE"]))

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from kompressor.api.report import METRICS_FILE, EvalReport, Probe
@@ -21,6 +19,7 @@ from kompressor.console import log
 from kompressor.errors import UserError
 from kompressor.store import MODEL_FILE, resolve_local, verify_artifact
 from kompressor_jobs.prune import PROBES_FILE, load_resource
+from kompressor_jobs.staging import staged_folder
 
 MODEL_CARD_MD = "model_card.md"
 MODEL_CARD_JSON = "model_card.json"
@@ -66,22 +65,10 @@ def main(args: argparse.Namespace) -> int:
     card = model_card(resource, manifest, report, data)
 
     out = Path(args.out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_folder(out) as staging:
         (staging / METRICS_FILE).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
         (staging / MODEL_CARD_JSON).write_text(json.dumps(card, indent=2, sort_keys=True))
         (staging / MODEL_CARD_MD).write_text(model_card_markdown(card))
-        staging.chmod(0o755)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.rename(out, old)
-            os.rename(staging, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log("evaluation finished", passed=gates.passed, accuracy=metrics.accuracy, sparsity=metrics.sparsity,
         latency_p95_ms=metrics.latency_p95_ms, failed=[r.gate for r in gates.results if r.outcome != "Successful"],
         out=str(out))

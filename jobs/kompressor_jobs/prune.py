@@ -32,6 +32,7 @@ from kompressor.console import log, progress
 from kompressor.errors import UserError
 from kompressor.store import MODEL_FILE, ArtifactError, verify_artifact, write_manifest
 from kompressor_jobs.data import Dataset, load_dataset
+from kompressor_jobs.staging import staged_folder
 
 if TYPE_CHECKING:  # torch-heavy; imported when the command runs
     from kompressor_jobs.models import SourceModel
@@ -261,26 +262,23 @@ def main(args: argparse.Namespace) -> int:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work-"))
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        config = spec.compression
-        search_summary, probes = None, []
-        if config.search.enabled:
-            candidate, probes, search_summary = search(ctx, config, spec.gates, work)
-        else:
-            candidate = compress(ctx, config, config.pruning.sparsity, work / "candidate")
-        shutil.copy2(candidate.model, staging / MODEL_FILE)
-        if probes:
-            (staging / PROBES_FILE).write_text(json.dumps(
-                [{"sparsity": p.sparsity, "metrics": to_wire(p.metrics), "gates": to_wire(p.gates)} for p in probes],
-                indent=2))
-        _write_candidate_manifest(staging, args, ctx, train_uri, candidate, search_summary, hardware(device),
-                                  time.perf_counter() - started)
-        staging.chmod(0o755)  # mkdtemp makes it private; servers and evaluators may run as other users
-        _publish(staging, out)
+        with staged_folder(out) as staging:
+            config = spec.compression
+            search_summary, probes = None, []
+            if config.search.enabled:
+                candidate, probes, search_summary = search(ctx, config, spec.gates, work)
+            else:
+                candidate = compress(ctx, config, config.pruning.sparsity, work / "candidate")
+            shutil.copy2(candidate.model, staging / MODEL_FILE)
+            if probes:
+                (staging / PROBES_FILE).write_text(json.dumps(
+                    [{"sparsity": p.sparsity, "metrics": to_wire(p.metrics), "gates": to_wire(p.gates)}
+                     for p in probes], indent=2))
+            _write_candidate_manifest(staging, args, ctx, train_uri, candidate, search_summary, hardware(device),
+                                      time.perf_counter() - started)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
     log("prune finished", out=str(out), sparsity=candidate.sparsity, seconds=round(time.perf_counter() - started, 2))
     return 0
 
@@ -307,17 +305,6 @@ def _write_candidate_manifest(folder: Path, args, ctx: Context, train_uri: str, 
     if search_summary is not None:
         manifest["search"] = search_summary
     write_manifest(folder, manifest)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished folder into place; an older folder at ``out`` is replaced, never half-overwritten."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(staging, out)
 
 
 def _now() -> str:

@@ -1,14 +1,8 @@
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))  # serving_support
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # support (the loopback Kubernetes API)
-
-from serving_support import Server, http, infer_body, make_artifact  # noqa: E402
-from drift_support import ROWS_PER_REVISION, tabular_rows  # noqa: E402
+from serving_support import Server, http, infer_body, make_artifact
+from drift_support import ROWS_PER_REVISION, tabular_rows
 
 
 @pytest.fixture(scope="session")

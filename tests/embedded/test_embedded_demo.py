@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from runner_process import free_port, port_open
+from support.net import free_port, port_open
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,8 @@ import json
 import pytest
 import yaml
 
-from runner_process import DIGITS, RunnerProcess, alive, children_of, free_port, wait_for, write_manifest
+from runner_process import DIGITS, RunnerProcess, alive, children_of, wait_for, write_manifest
+from support.net import free_port
 
 pytestmark = pytest.mark.slow
 

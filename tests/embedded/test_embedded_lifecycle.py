@@ -14,9 +14,8 @@ import yaml
 from kompressor.api.status import CompressedModelStatus
 from kompressor.api.wire import from_wire, to_wire
 from kompressor.store import resolve_local
-from runner_process import (
-    DIGITS, RunnerProcess, alive, children_of, free_port, port_open, wait_for, write_manifest,
-)
+from runner_process import DIGITS, RunnerProcess, alive, children_of, wait_for, write_manifest
+from support.net import free_port, port_open
 
 pytestmark = pytest.mark.slow
 CRD = Path(__file__).resolve().parents[2] / "crds" / "compressedmodels.kompressor.io.yaml"

@@ -1,12 +1,9 @@
-import sys
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ -> `support` is importable
-
-from support.cluster import Cluster  # noqa: E402
+from support.cluster import Cluster
 
 
 @pytest.fixture(scope="session")

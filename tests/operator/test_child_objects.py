@@ -179,7 +179,7 @@ def test_a_file_store_is_restricted_but_for_its_host_path(tmp_path):
     """file:// (single-node development clusters) mounts a hostPath: Pod Security "baseline" and
     "restricted" refuse that volume, and nothing else."""
     for where, pod in pod_specs(children_of(MODELS[0], f"file://{tmp_path}")):
-        assert restricted_violations(pod) == [f"volume artifacts: ['hostPath'] is not allowed"], where
+        assert restricted_violations(pod) == ["volume artifacts: ['hostPath'] is not allowed"], where
 
 
 def test_pods_run_as_the_jobs_image_user_with_a_writable_tmp_and_claim(objects):

@@ -4,7 +4,6 @@ import asyncio
 
 import aiohttp
 import kmock
-import pytest
 
 from support.emulator import Emulator, register_resources, write_kubeconfig
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from kompressor.store import write_manifest
+from support.net import free_port
 
 N_FEATURES = 8
 N_CLASSES = 3
@@ -44,12 +44,6 @@ def ort_run(artifact: Path, x: np.ndarray) -> np.ndarray:
 
     session = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.astype(np.float32)})[0]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http(method: str, url: str, body=None, raw: bytes | None = None, timeout: float = 30) -> tuple[int, object]:

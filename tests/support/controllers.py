@@ -20,13 +20,13 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from .net import free_port
 
 JOBS = "/apis/batch/v1/jobs"
 DEPLOYMENTS = "/apis/apps/v1/deployments"
@@ -35,12 +35,6 @@ MERGE = {"Content-Type": "application/merge-patch+json"}
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _digest(value: Any) -> str:
