@@ -237,9 +237,7 @@ def test_every_object_is_valid_for_kubernetes_1_30(objects):
 
 @pytest.fixture(scope="module")
 def checkov_report(objects, tmp_path_factory) -> dict:
-    binary = chartkit.checkov_binary()
-    if binary is None:
-        pytest.skip("checkov not found: set KOMPRESSOR_CHECKOV or install it (CI: .ci/run does)")
+    binary = chartkit.require_tool("checkov", chartkit.checkov_binary(), "set KOMPRESSOR_CHECKOV; .ci/run installs it")
     root = tmp_path_factory.mktemp("checkov-children")
     for model, objs in objects.items():
         (root / f"{model}.yaml").write_text("---\n".join(yaml.safe_dump(o) for o in objs))

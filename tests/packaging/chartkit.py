@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,7 +55,24 @@ def full_values() -> dict:
 
 
 def checkov_binary() -> str | None:
-    for candidate in (os.environ.get("KOMPRESSOR_CHECKOV"), "/work/checkov-venv/bin/checkov"):
+    """checkov lives in a venv of its own (its pins clash with ours): $KOMPRESSOR_CHECKOV, the one .ci/run makes, or PATH."""
+    for candidate in (os.environ.get("KOMPRESSOR_CHECKOV"), str(REPO / ".ci" / ".checkov" / "bin" / "checkov")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     return shutil.which("checkov")
+
+
+def require_tool(name: str, path: str | None, hint: str) -> str:
+    """The tool's path; a skip where it is missing on a developer's machine, a failure in CI (CI installs it)."""
+    if path is None:
+        message = f"{name} not found ({hint})"
+        if os.environ.get("CI"):
+            pytest.fail(message + ": CI must run this check")
+        pytest.skip(message)
+    return path
+
+
+def console_tool(name: str) -> str | None:
+    """A command installed by a Python test dependency: beside this interpreter (a venv need not be activated), else PATH."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name)

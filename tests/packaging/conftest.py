@@ -10,7 +10,7 @@ import subprocess
 import pytest
 import yaml
 
-from chartkit import REPO, checkov_binary, full_values, render
+from chartkit import REPO, checkov_binary, full_values, render, require_tool
 
 # The renderings every test shares: defaults, every feature on, and a single-namespace standalone operator.
 RENDERINGS = {
@@ -41,9 +41,7 @@ def full_objects(renderings) -> list[dict]:
 @pytest.fixture(scope="session")
 def checkov_report(renderings, tmp_path_factory) -> dict:
     """checkov over every rendering, the plain bundle and both Dockerfiles, in ONE run (it is slow)."""
-    binary = checkov_binary()
-    if binary is None:
-        pytest.skip("checkov not found: set KOMPRESSOR_CHECKOV or install it (CI: .ci/run does)")
+    binary = require_tool("checkov", checkov_binary(), "set KOMPRESSOR_CHECKOV; .ci/run installs it")
     root = tmp_path_factory.mktemp("checkov")
     for label, objects in renderings.items():
         (root / f"chart-{label}.yaml").write_text("---\n".join(yaml.safe_dump(o) for o in objects))

