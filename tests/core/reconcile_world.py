@@ -21,21 +21,12 @@ from kompressor.core.actions import Decision, DeleteJob, EmitEvent, Requeue, Run
 from kompressor.core.observed import JobState, Observed, ServingState
 from kompressor.core.reconcile import reconcile
 from kompressor.core.times import rfc3339
+from support.dicts import merge
 
 T0 = datetime(2026, 11, 22, 12, 0, 0, tzinfo=timezone.utc)
 NAME = "digits"
 NAMESPACE = "team-a"
 BASELINE_ACCURACY = 0.97
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 BASE_SPEC = {

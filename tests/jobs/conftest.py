@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from kompressor import cli
+from support.dicts import merge
 
 BASE_SPEC = {
     "apiVersion": "kompressor.io/v1alpha1",
@@ -43,16 +44,6 @@ def job_env(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-def merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 @pytest.fixture

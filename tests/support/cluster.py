@@ -5,7 +5,6 @@ with helpers to create, edit and await CompressedModels by polling the API with 
 from __future__ import annotations
 
 import asyncio
-import copy
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import aiohttp
 from kompressor.api import defaults as d
 
 from .controllers import ClusterControllers, free_port
+from .dicts import merge
 from .emulator import ClusterEmulator, Emulator, write_kubeconfig
 
 MODELS = f"/apis/{d.GROUP}/{d.VERSION}"
@@ -43,17 +43,8 @@ def digits_model(name: str, namespace: str = "default", **spec_overrides: Any) -
         "jobs": {"backoffLimit": 1, "activeDeadlineSeconds": 300},
         "drift": {"enabled": False},
     }
-    _merge(spec, spec_overrides)
     return {"apiVersion": d.API_VERSION, "kind": d.KIND, "metadata": {"name": name, "namespace": namespace},
-            "spec": spec}
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = copy.deepcopy(value)
+            "spec": merge(spec, spec_overrides)}
 
 
 class Cluster:

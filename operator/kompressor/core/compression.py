@@ -78,28 +78,12 @@ def follow_candidate(run: Run) -> None:
     if st.compression_digest != run.digest and not run.paused:
         return  # the spec changed under it: start_compression replaces it
     if c.stage in (None, "prune"):
-        job = run.jobs.get(run.job_name("prune", c))
-        if job is None:
-            if not run.paused:
-                run.runs.append(run.run_job("prune", c))
-            return
-        if job.phase == "Failed":
-            fail(run, job.name, job.kind, job.message)
-            return
-        if job.phase != "Succeeded" or run.paused:
+        if not _stage_succeeded(run, "prune", c) or run.paused:
             return
         c.stage = "evaluate"
         run.phase("Evaluating", f"evaluating revision {c.revision}")
         run.event(reasons.EVALUATION_STARTED, f"Pruning of revision {c.revision} succeeded; evaluating it")
-    job = run.jobs.get(run.job_name("evaluate", c))
-    if job is None:
-        if not run.paused:
-            run.runs.append(run.run_job("evaluate", c))
-        return
-    if job.phase == "Failed":
-        fail(run, job.name, job.kind, job.message)
-        return
-    if job.phase != "Succeeded":
+    if not _stage_succeeded(run, "evaluate", c):
         return
     report = run.obs.reports.get(c.revision)
     if report is None:
@@ -108,6 +92,20 @@ def follow_candidate(run: Run) -> None:
         run.wait(REPORT_RETRY_SECONDS)
         return
     record(run, c, report)
+
+
+def _stage_succeeded(run: Run, kind: str, c: Candidate) -> bool:
+    """Start the stage's Job when it is missing (unless paused); a failed Job fails the candidate.
+    True once the Job has succeeded."""
+    job = run.jobs.get(run.job_name(kind, c))
+    if job is None:
+        if not run.paused:
+            run.runs.append(run.run_job(kind, c))
+        return False
+    if job.phase == "Failed":
+        fail(run, job.name, job.kind, job.message)
+        return False
+    return job.phase == "Succeeded"
 
 
 def fail(run: Run, job_name: str, kind: str, why: str) -> None:

@@ -39,9 +39,7 @@ def handle_drift(run: Run) -> None:
         message = (f"drift confirmed on revision {current}, but {st.auto_actions} automatic actions ran since a "
                    f"person last touched the resource (maxAutoActions {drift.max_auto_actions}); paused — edit the "
                    f"spec or set annotation {d.ANNOTATION_RESUME} to a new value")
-        run.phase("Paused", message)
-        run.event(reasons.AUTO_ACTIONS_EXHAUSTED, message, warning=True)
-        run.paused = True
+        _pause(run, reasons.AUTO_ACTIONS_EXHAUSTED, message)
         return
     last = times.parse(st.last_auto_action_at)
     if last is not None and drift.cooldown_seconds > 0:
@@ -55,6 +53,13 @@ def handle_drift(run: Run) -> None:
         roll_back(run)
     else:
         retrain(run)
+
+
+def _pause(run: Run, reason: str, message: str) -> None:
+    """Stop acting automatically until a person edits the spec or sets a new resume token."""
+    run.phase("Paused", message)
+    run.event(reason, message, warning=True)
+    run.paused = True
 
 
 def hold(run: Run, reason: str | None, message: str) -> None:
@@ -80,9 +85,7 @@ def roll_back(run: Run) -> None:
         message = (f"drift confirmed on revision {st.current_revision}, but rollback target revision "
                    f"{target.revision} drifted before ({target.drifted_at}); paused to avoid flapping — edit the "
                    f"spec or set annotation {d.ANNOTATION_RESUME} to a new value")
-        run.phase("Paused", message)
-        run.event(reasons.FLAPPING_PREVENTED, message, warning=True)
-        run.paused = True
+        _pause(run, reasons.FLAPPING_PREVENTED, message)
         return
     count_auto_action(run)
     promotion.promote(run, target, rollback=True)  # no gates re-run: the target was gated (or is the baseline)
