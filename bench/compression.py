@@ -60,7 +60,7 @@ def configs_for(model: str) -> list[Config]:
 def paired_p50(base_path: Path, cand_path: Path, X: np.ndarray, blocks: int = 6,
                runs: int = 300) -> tuple[float, float]:
     """p50 batch-1 latency (ms) of baseline and candidate, measured in alternating blocks."""
-    from kompressor_jobs.onnx_export import session
+    from kompressor_jobs.runtime import session
 
     sessions = [session(base_path, threads=1), session(cand_path, threads=1)]
     rows = [X[i:i + 1] for i in range(min(256, len(X)))]
@@ -83,10 +83,12 @@ def paired_p50(base_path: Path, cand_path: Path, X: np.ndarray, blocks: int = 6,
 def run_model(model: str, work: Path) -> list[dict]:
     from kompressor.store import MODEL_FILE
     from kompressor_jobs.data import load_dataset
-    from kompressor_jobs.metrics import predict, quality
+    from kompressor_jobs.evaluate.metrics import predict, quality
     from kompressor_jobs.models import load_source
-    from kompressor_jobs.onnx_export import check_parity, export_onnx, graph_sparsity, quantize, session
-    from kompressor_jobs.pruning import prune_model
+    from kompressor_jobs.compress.export import check_parity, export_onnx
+    from kompressor_jobs.compress.quantization import quantize
+    from kompressor_jobs.runtime import graph_sparsity, session
+    from kompressor_jobs.compress.pruning import prune_model
 
     source = load_source(f"builtin://{model}", None)
     train = load_dataset(source.builtin.data_uri("train"), source.input_shape)

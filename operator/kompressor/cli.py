@@ -15,8 +15,8 @@ from kompressor import __version__
 from kompressor.api import defaults as d
 
 COMMANDS = {
-    "prune": "kompressor_jobs.prune:main",
-    "evaluate": "kompressor_jobs.evaluate:main",
+    "prune": "kompressor_jobs.compress.command:main",
+    "evaluate": "kompressor_jobs.evaluate.command:main",
     "serve": "kompressor_jobs.serve:main",
     "watch-drift": "kompressor_jobs.drift:main",
     "operator": "kompressor.k8s.main:main",

@@ -173,6 +173,8 @@ _SEED_ITEMS = {
     "spec.drift.categoricalFeatures": {"feature": 0, "categories": 2},
     "spec.jobs.tolerations": {"key": "nvidia.com/gpu", "operator": "Exists"},
     "spec.model.inputShape": 1,
+    "spec.model.inputs": {"name": "x", "dtype": "int64", "shape": [8]},
+    "spec.model.inputs[0].shape": 1,
 }
 # Other fields a value needs to be valid at its bound (a rule relates them).
 _CONTEXT = {"spec.compression.search.minSparsity": {("spec", "compression", "search", "maxSparsity"): 0.99}}
@@ -201,9 +203,13 @@ def _unique_items(list_path: str, n: int) -> list:
 
 
 def _doc_with(keys: tuple, value) -> dict:
-    """MINIMAL with one field set; inputShape is given so that any model uri may be tried."""
+    """MINIMAL with one field set; inputShape (or, for the inputs fields, one input) is given so that any model
+    uri may be tried: the two are exclusive."""
     doc = copy.deepcopy(MINIMAL)
-    doc["spec"]["model"]["inputShape"] = [64]
+    if keys[:3] == ("spec", "model", "inputs"):
+        doc["spec"]["model"]["inputs"] = [copy.deepcopy(_SEED_ITEMS["spec.model.inputs"])]
+    else:
+        doc["spec"]["model"]["inputShape"] = [64]
     node = doc
     for i, key in enumerate(keys[:-1]):
         nxt = keys[i + 1]

@@ -130,7 +130,7 @@ def test_parity_failure_is_an_export_error(tmp_path):
     import torch
     from torch import nn
 
-    from kompressor_jobs.onnx_export import ExportError, check_parity, export_onnx
+    from kompressor_jobs.compress.export import ExportError, check_parity, export_onnx
 
     torch.manual_seed(0)
     exported, other = nn.Linear(4, 3), nn.Linear(4, 3)

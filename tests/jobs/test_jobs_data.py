@@ -7,7 +7,7 @@ import pytest
 import sklearn.datasets
 
 from kompressor.errors import UserError
-from kompressor_jobs.builtin import BUILTIN_MODELS, builtin_model
+from kompressor_jobs.models.builtin import BUILTIN_MODELS, builtin_model
 from kompressor_jobs.data import BUILTIN_DATA, load_dataset
 
 

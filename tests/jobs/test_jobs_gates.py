@@ -7,8 +7,8 @@ import pytest
 
 from kompressor.api.spec import GatesSpec, SliceGate
 from kompressor.api.status import Metrics, SliceMetrics
-from kompressor_jobs.gates import check_gates
-from kompressor_jobs.metrics import expected_calibration_error, softmax
+from kompressor_jobs.evaluate.gates import check_gates
+from kompressor_jobs.evaluate.metrics import expected_calibration_error, softmax
 
 
 def metrics(**kw) -> Metrics:

@@ -15,7 +15,7 @@ from jobs_support import onnx_weights, ort_predict
 from kompressor.api.report import EvalReport
 from kompressor.store import resolve_local, verify_artifact
 from kompressor_jobs.data import load_dataset
-from kompressor_jobs.pruning import polynomial_schedule
+from kompressor_jobs.compress.pruning import polynomial_schedule
 
 pytestmark = pytest.mark.slow
 

@@ -7,6 +7,7 @@ ports, and the Pods run as the jobs image's user."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ from kompressor.api.manifest import parse_manifest
 from kompressor.api.status import Artifact
 from kompressor.core import names
 from kompressor.core.actions import RunJob, Serve
+from kompressor.errors import BAD_INPUT_EXIT_CODE
 from kompressor.k8s import children
 from kompressor.k8s.storage import pod_store
 
@@ -219,6 +221,41 @@ def test_resources_are_the_spec_s_or_the_defaults(objects):
             assert resources == expected
         assert container(objs, "serving")["resources"] == (cm.spec.serving.resources or d.SERVING_RESOURCES)
         assert container(objs, "drift-watcher")["resources"] == d.DRIFT_WATCHER_RESOURCES
+
+
+def jobs_of(objs: list[dict]) -> list[dict]:
+    return [o for o in objs if o["kind"] == "Job"]
+
+
+def test_bad_input_fails_a_job_at_once_and_disruptions_are_not_counted(objects):
+    """Exit 2 (kompressor.errors.UserError) is FailJob: no second Pod waits for a GPU node to fail the same
+    way. A preempted or evicted Pod (DisruptionTarget) is retried without counting against backoffLimit."""
+    seen = 0
+    for objs in objects.values():
+        for job in jobs_of(objs):
+            pod = job["spec"]["template"]["spec"]
+            assert pod["restartPolicy"] == "Never"  # the API server refuses a podFailurePolicy otherwise
+            [c] = pod["containers"]
+            rules = job["spec"]["podFailurePolicy"]["rules"]
+            fail_job = [r for r in rules if r["action"] == "FailJob"]
+            assert [r["onExitCodes"] for r in fail_job] == [
+                {"containerName": c["name"], "operator": "In", "values": [BAD_INPUT_EXIT_CODE]}]
+            ignore = [r for r in rules if r["action"] == "Ignore"]
+            assert [r["onPodConditions"] for r in ignore] == [[{"type": "DisruptionTarget", "status": "True"}]]
+            assert len(rules) == 2
+            seen += 1
+    assert seen == 2 * len(MODELS)
+
+
+def test_the_schema_check_sees_the_pod_failure_policy(objects):
+    """The 1.30 schema validates podFailurePolicy: a misspelt rule is refused (so the test above it is not
+    checking a field the schema ignores)."""
+    job = copy.deepcopy(jobs_of(next(iter(objects.values())))[0])
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    job["spec"]["podFailurePolicy"]["rules"][0]["onExitCode"] = job["spec"]["podFailurePolicy"]["rules"][0].pop(
+        "onExitCodes")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(job, K8S_VERSION, strict=True)
 
 
 # --- real tools ---------------------------------------------------------------------------------------

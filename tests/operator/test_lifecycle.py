@@ -98,15 +98,20 @@ async def test_failing_gate_rejects_and_names_the_gate(models):
     assert not models.children("apps/v1/deployments", "strict")
 
 
-async def test_failing_job_ends_failed_after_backoff(models):
+async def test_bad_input_fails_the_job_after_one_pod(models):
     status = await models.wait_phase("broken", "Failed", "Serving", "Rejected")
     assert status["phase"] == "Failed", status
     job = names.job_name("broken", "prune", 1, 1)
-    assert job in status["message"] or "prune" in status["message"].lower()
-    # backoffLimit 1: the pod ran twice, then the Job controller marked the Job Failed.
-    assert models.controllers.job_runs[("default", job)] == 2
+    assert job in status["message"] and "bad input" in status["message"] and "not retried" in status["message"]
+    assert d.ANNOTATION_RETRY in status["message"]
+    # backoffLimit 1, but the model file is missing (exit 2): the podFailurePolicy fails the Job after one pod.
+    assert models.controllers.job_runs[("default", job)] == 1
     failed = models.api.get("batch/v1/jobs", "default", job)["status"]
-    assert failed["failed"] == 2 and failed["conditions"][0]["type"] == "Failed"
+    assert failed["failed"] == 1 and failed["conditions"][0]["type"] == "Failed"
+    assert failed["conditions"][0]["reason"] == "PodFailurePolicy"
+    [event] = await models.wait(lambda: [e for e in models.events("broken") if e["reason"] == "JobFailed"],
+                                what="the JobFailed event")
+    assert "bad input, not retried" in event["message"] and event["type"] == "Warning"
 
 
 async def test_approval_required(models):

@@ -37,6 +37,18 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _fail_job_rule(policy: dict | None, container: str, code: int) -> int | None:
+    """The index of the podFailurePolicy FailJob rule an exit code matches (onExitCodes rules only: the
+    fake kubelet has no disruptions), or None."""
+    for index, rule in enumerate((policy or {}).get("rules", [])):
+        on = rule.get("onExitCodes")
+        if rule.get("action") != "FailJob" or not on or on.get("containerName", container) != container:
+            continue
+        if (code in on["values"]) == (on["operator"] == "In"):
+            return index
+    return None
+
+
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -148,6 +160,13 @@ class ClusterControllers:
                     "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": _now()}]})
                 return
             failed += 1
+            rule = _fail_job_rule(spec.get("podFailurePolicy"), pod["containers"][0]["name"], code)
+            if rule is not None:  # as the Job controller words it (pkg/controller/job/pod_failure_policy.go)
+                await self._fail(path, failed, "PodFailurePolicy",
+                                 f"Container {pod['containers'][0]['name']} for pod {meta['namespace']}/"
+                                 f"{meta['name']}-{failed - 1} failed with exit code {code} matching FailJob "
+                                 f"rule at index {rule}")
+                return
             if failed > backoff_limit:
                 await self._fail(path, failed, "BackoffLimitExceeded",
                                  f"Job has reached the specified backoff limit (last exit code {code})")

@@ -19,19 +19,53 @@ DEFAULT_NAMESPACE = "default"
 JOBS_IMAGE = "ghcr.io/kompressor/kompressor-jobs:0.1.0"
 OPERATOR_IMAGE = "ghcr.io/kompressor/kompressor-operator:0.1.0"
 
+# spec.model
+MODEL_FORMAT = "auto"
+MODEL_TASK = "classification"
+
+# spec.data: the part of train held out as validation when spec.data.validation is unset.
+VALIDATION_FRACTION = 0.15
+VALIDATION_SEED = 0
+
 # spec.compression
 PRUNING_METHOD = "unstructured"
 PRUNING_SPARSITY = 0.5
 PRUNING_SCHEDULE = "oneshot"
 FINE_TUNE_EPOCHS = 2
 GRADUAL_STEPS = 4
+PRUNING_IMPORTANCE = "magnitude"
+LR_SCHEDULE = "cosine"
+FINE_TUNE_BATCH_SIZE = 64
+EARLY_STOPPING_PATIENCE = 2
+# Unset spec.compression.fineTuning.learningRate: small nets trained from scratch vs pretrained transformers.
+LEARNING_RATE_SMALL = 1e-3
+LEARNING_RATE_PRETRAINED = 3e-5
+DISTILLATION_ENABLED = True
+DISTILLATION_TEMPERATURE = 4.0
+DISTILLATION_ALPHA = 0.5
 QUANTIZATION_MODE = "none"
+QUANTIZATION_CALIBRATION = "minmax"
+QUANTIZATION_PER_CHANNEL = True
+QUANTIZATION_MIN_AGREEMENT = 0.99
+QUANTIZATION_MAX_FALLBACK_NODES = 64
 SEARCH_MIN_SPARSITY = 0.0
 SEARCH_MAX_SPARSITY = 0.95
 SEARCH_MAX_PROBES = 6
 
 # spec.gates: a slice with fewer eval rows than this is judged Inconclusive.
 MIN_SLICE_SAMPLES = 20
+# The quality gate applied when spec.gates sets none (unless spec.gates.defaults is false), per task.
+GATES_DEFAULTS = True
+DEFAULT_QUALITY_GATES = {
+    "classification": {"maxAccuracyDrop": 0.01},  # Intel Neural Compressor's default accuracy criterion
+    "regression": {"maxR2Drop": 0.01},
+    "embedding": {"minCosineSimilarity": 0.99},
+}
+# The gates that count as quality gates for that rule (latency and size alone do not protect users).
+QUALITY_GATES = ("maxAccuracyDrop", "minAccuracy", "minF1", "maxMae", "maxRmse", "minR2", "maxR2Drop",
+                 "minAgreement", "minCosineSimilarity", "slices")
+# Latency gates use a p95 from at least this many timed runs at batch 1.
+LATENCY_TIMED_RUNS = 1000
 
 # spec.serving
 SERVING_REPLICAS = 1

@@ -34,14 +34,24 @@ _CEL_NO_PARENT = "!{x}.matches('(^|/)[.][.](/|$|[?])')"
 RULES: tuple[Rule, ...] = (
     Rule(s.ModelSpec, _CEL_NO_PARENT.format(x="self.uri"), ".uri",
          "uri must not contain '..' path segments", lambda m: _no_parent_segment(m.uri)),
-    Rule(s.ModelSpec, "self.uri.startsWith('builtin://') || has(self.inputShape)", ".inputShape",
-         "inputShape is required when uri is not builtin://", lambda m: m.uri.startswith("builtin://") or bool(m.input_shape)),
+    # A torch.export program does not say what it takes; ONNX graphs and Hugging Face folders do.
+    Rule(s.ModelSpec, "self.uri.startsWith('builtin://') || has(self.inputShape) || has(self.inputs) || "
+         "self.format in ['onnx', 'huggingface'] || (self.format == 'auto' && !self.uri.endsWith('.pt2'))",
+         ".inputShape", "inputShape or inputs is required for a torch.export program (uri not builtin://)",
+         lambda m: (m.uri.startswith("builtin://") or bool(m.input_shape) or bool(m.inputs)
+                    or m.format in ("onnx", "huggingface") or (m.format == "auto" and not m.uri.endswith(".pt2")))),
+    Rule(s.ModelSpec, "!has(self.inputShape) || !has(self.inputs)", ".inputs",
+         "inputs and inputShape are exclusive (inputShape is the shorthand for one float32 input)",
+         lambda m: not (m.input_shape and m.inputs)),
+    Rule(s.ModelSpec, "!has(self.inputs) || self.inputs.all(a, self.inputs.filter(b, b.name == a.name).size() == 1)",
+         ".inputs", "inputs must have unique names", lambda m: len({i.name for i in m.inputs}) == len(m.inputs)),
     *(
         Rule(s.DataSpec,
              (f"!has(self.{name}) || " if optional else "") + _CEL_NO_PARENT.format(x=f"self.{name}"),
              f".{name}", f"{name} must not contain '..' path segments",
              (lambda d, n=name: _no_parent_segment(getattr(d, n))))
-        for name, optional in (("train", False), ("eval", False), ("retrain", True), ("reference", True))
+        for name, optional in (("train", False), ("eval", False), ("validation", True), ("retrain", True),
+                               ("reference", True))
     ),
     Rule(s.SearchSpec, "self.minSparsity <= self.maxSparsity", ".minSparsity",
          "minSparsity must be <= maxSparsity", lambda x: x.min_sparsity <= x.max_sparsity),

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from kompressor.api import defaults as d
 from kompressor.api.fields import api_field
 
-BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "wine-mlp", "breast-cancer-mlp")
+BUILTIN_MODELS = ("digits-mlp", "digits-cnn", "digits-resnet", "wine-mlp", "breast-cancer-mlp")
 BUILTIN_DATASETS = ("digits", "wine", "breast_cancer")
 
 # Where a URI may point. `file://` needs an absolute path; `..` segments are refused by a
@@ -21,15 +21,36 @@ _STORE_URI = r"file:///[^\s]*|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[^\s]+|s3://[a
 MODEL_URI_PATTERN = rf"^(builtin://({'|'.join(BUILTIN_MODELS)})|{_STORE_URI})$"
 DATA_URI_PATTERN = rf"^(builtin://({'|'.join(BUILTIN_DATASETS)})(\?split=(train|eval))?|{_STORE_URI})$"
 
-PRUNING_METHODS = ("unstructured", "global", "structured")
+MODEL_FORMATS = ("auto", "torch-export", "onnx", "huggingface")
+TASKS = ("classification", "regression", "embedding")
+INPUT_DTYPES = ("float32", "float16", "int64", "int32", "bool")
+PRUNING_METHODS = ("none", "unstructured", "global", "structured")
+IMPORTANCES = ("magnitude", "taylor")
+LR_SCHEDULES = ("cosine", "constant")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 SCHEDULES = ("oneshot", "gradual")
 QUANTIZATION_MODES = ("none", "dynamic-int8", "static-int8")
 DETECTORS = ("ks", "cvm", "chisquare", "tabular", "mmd", "lsdd")
 ONLINE_DETECTORS = ("mmd", "lsdd", "cvm")
 DRIFT_MODES = ("window", "online")
+DRIFT_SIGNALS = ("inputs", "outputs", "embeddings")
 CORRECTIONS = ("bonferroni", "fdr")
 DRIFT_ACTIONS = ("rollback", "retrain", "alert")
 ROLLBACK_TARGETS = ("previous", "baseline")
+
+
+@dataclass
+class InputSpec:
+    """One named input of the model."""
+
+    name: str = api_field("Input name: the ONNX graph input, the Hugging Face forward() argument, or a label for "
+                          "a torch.export program's positional argument (inputs are passed in this order). "
+                          "Data files hold one array under this name.", required=True, min_length=1, max_length=128,
+                          pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]*$")
+    dtype: str = api_field("Element type: float32, float16, int64, int32 or bool.", default="float32",
+                           enum=INPUT_DTYPES)
+    shape: list[int] = api_field("Shape of one sample, without the batch dimension (e.g. [128] for token ids).",
+                                 required=True, min_items=1, max_items=4, item_minimum=1)
 
 
 @dataclass
@@ -37,31 +58,53 @@ class ModelSpec:
     """The source model to compress."""
 
     uri: str = api_field(
-        "Where the source model is: builtin://digits-mlp, builtin://digits-cnn, builtin://wine-mlp, "
-        "builtin://breast-cancer-mlp (trained on first use with a fixed seed), file:///abs/path/model.pt2 "
-        "(a torch.export program), pvc://claim/path or s3://bucket/key.",
+        "Where the source model is: builtin://digits-mlp, builtin://digits-cnn, builtin://digits-resnet, "
+        "builtin://wine-mlp, builtin://breast-cancer-mlp (trained on first use with a fixed seed); "
+        "file:///abs/path/model.pt2 (a torch.export program), file:///abs/path/model.onnx, a Hugging Face "
+        "Transformers folder (config.json, safetensors weights, tokenizer files; read offline, never downloaded), "
+        "pvc://claim/path or s3://bucket/key.",
         required=True,
         pattern=MODEL_URI_PATTERN,
         max_length=1024,
     )
+    format: str = api_field("auto (decided by the file: .pt2 is torch-export, .onnx is onnx, a folder with "
+                            "config.json is huggingface), torch-export, onnx or huggingface.",
+                            default=d.MODEL_FORMAT, enum=MODEL_FORMATS)
+    task: str = api_field("classification (logits, labels y), regression (one or more real outputs, targets y) or "
+                          "embedding (a vector per row; no labels, judged by cosine similarity to the baseline).",
+                          default=d.MODEL_TASK, enum=TASKS)
     input_shape: list[int] | None = api_field(
-        "Shape of one input sample, without the batch dimension (e.g. [64] or [1, 8, 8]). "
-        "Required for non-builtin models.",
+        "Shorthand for one float32 input: the shape of one sample, without the batch dimension (e.g. [64] or "
+        "[1, 8, 8]). A non-builtin torch.export program needs inputShape or inputs.",
         min_items=1,
         max_items=4,
         item_minimum=1,
     )
+    inputs: list[InputSpec] = api_field(
+        "The model's named inputs, in order, for models with several inputs or non-float inputs (e.g. input_ids "
+        "and attention_mask, int64, shape [128]). Exclusive with inputShape. ONNX and Hugging Face models may "
+        "leave it unset: the graph's inputs (or input_ids/attention_mask) are used.",
+        default_factory=list, max_items=16)
 
 
 @dataclass
 class DataSpec:
-    """Datasets, as URIs: builtin://digits|wine|breast_cancer?split=train|eval, or an .npz file holding
-    X (float32, [n, *inputShape]), y (int64, [n]) and optionally slice (one label per row)."""
+    """Datasets, as URIs: builtin://digits|wine|breast_cancer?split=train|eval, or an .npz file holding one
+    array per input (X for the inputShape shorthand, else each spec.model.inputs name, [n, *shape]), y (int64 class
+    labels, or float targets for regression; not needed for embedding) and optionally slice (one label per row).
+
+    Three roles: train fine-tunes and calibrates; validation judges search probes, early stopping and the INT8
+    fallback; eval is touched by the gates alone."""
 
     train: str = api_field("Training data, used for fine-tuning and calibration.", required=True,
                            pattern=DATA_URI_PATTERN, max_length=1024)
     eval: str = api_field("Held-out evaluation data the gates are measured on.", required=True,
                           pattern=DATA_URI_PATTERN, max_length=1024)
+    validation: str | None = api_field("Validation data for search probes, early stopping and the INT8 fallback. "
+                                       "Unset: a seeded, stratified validationFraction of train is held out "
+                                       "(and recorded in the manifest).", pattern=DATA_URI_PATTERN, max_length=1024)
+    validation_fraction: float = api_field("Fraction of train held out as validation when validation is unset.",
+                                           default=d.VALIDATION_FRACTION, minimum=0.05, maximum=0.5)
     retrain: str | None = api_field("Recent labelled data used when drift triggers a retrain.",
                                     pattern=DATA_URI_PATTERN, max_length=1024)
     reference: str | None = api_field("Reference data for the drift detector; defaults to the eval data.",
@@ -73,8 +116,10 @@ class PruningSpec:
     """How weights are removed."""
 
     method: str = api_field(
-        "unstructured: per-layer L1 magnitude; global: magnitude ranked across all layers; "
-        "structured: dependency-aware removal of whole channels/neurons (a physically smaller graph).",
+        "none: no pruning (quantization alone); unstructured: per-layer L1 magnitude; global: magnitude ranked "
+        "across all layers; structured: dependency-aware removal of whole channels, neurons, attention heads and "
+        "FFN channels (a physically smaller, faster graph; norms and residual groups pruned together, embeddings "
+        "and the output head kept).",
         default=d.PRUNING_METHOD, enum=PRUNING_METHODS)
     sparsity: float = api_field("Target fraction of weights (or channels, for structured) removed.",
                                 default=d.PRUNING_SPARSITY, minimum=0.0, maximum=0.99)
@@ -85,15 +130,58 @@ class PruningSpec:
                                       default=d.FINE_TUNE_EPOCHS, minimum=0, maximum=100)
     steps: int = api_field("Number of pruning steps of the gradual schedule.",
                            default=d.GRADUAL_STEPS, minimum=1, maximum=20)
+    importance: str = api_field("How structured pruning ranks channels: magnitude (L2 of the weights) or taylor "
+                                "(first-order Taylor expansion of the loss, from gradients on training data).",
+                                default=d.PRUNING_IMPORTANCE, enum=IMPORTANCES)
+
+
+@dataclass
+class FineTuningSpec:
+    """How a pruned model is fine-tuned to recover accuracy."""
+
+    learning_rate: float | None = api_field("Peak learning rate (AdamW). Unset: chosen for the architecture "
+                                            "(1e-3 for small nets trained from scratch, 3e-5 for pretrained "
+                                            "transformers).", minimum=0.0, exclusive_minimum=True, maximum=1.0)
+    lr_schedule: str = api_field("cosine: warm-up then cosine decay over the fine-tuning; constant.",
+                                 default=d.LR_SCHEDULE, enum=LR_SCHEDULES)
+    batch_size: int = api_field("Rows per fine-tuning step.", default=d.FINE_TUNE_BATCH_SIZE, minimum=1,
+                                maximum=4096)
+    early_stopping_patience: int = api_field("Stop after this many epochs without improvement on the validation "
+                                             "data and keep the best epoch's weights; 0 disables.",
+                                             default=d.EARLY_STOPPING_PATIENCE, minimum=0, maximum=100)
+
+
+@dataclass
+class DistillationSpec:
+    """Knowledge distillation from the uncompressed model while fine-tuning."""
+
+    enabled: bool = api_field("Distil from the uncompressed model (the teacher). Embedding models, which have no "
+                              "labels, are always fine-tuned this way.", default=d.DISTILLATION_ENABLED)
+    temperature: float = api_field("Softmax temperature of the distillation loss (classification).",
+                                   default=d.DISTILLATION_TEMPERATURE, minimum=0.0, exclusive_minimum=True,
+                                   maximum=100.0)
+    alpha: float = api_field("Weight of the distillation loss; 1 - alpha weighs the task loss on labels.",
+                             default=d.DISTILLATION_ALPHA, minimum=0.0, maximum=1.0)
 
 
 @dataclass
 class QuantizationSpec:
     """Post-training quantization with onnxruntime.quantization."""
 
-    mode: str = api_field("none; dynamic-int8 (MLP/transformer-style graphs); static-int8 (QDQ, per-channel, "
-                          "calibrated on training data; for CNNs).",
+    mode: str = api_field("none; dynamic-int8 (MLP/transformer-style graphs; transformers are fused first by "
+                          "onnxruntime's transformer optimizer); static-int8 (QDQ, per-channel, calibrated on "
+                          "training data; for CNNs).",
                           default=d.QUANTIZATION_MODE, enum=QUANTIZATION_MODES)
+    calibration: str = api_field("Static INT8 calibration: minmax, entropy or percentile.",
+                                 default=d.QUANTIZATION_CALIBRATION, enum=CALIBRATION_METHODS)
+    per_channel: bool = api_field("Per-channel INT8 weights.", default=d.QUANTIZATION_PER_CHANNEL)
+    min_agreement: float = api_field("INT8 fidelity: the least top-1 agreement (cosine similarity for regression and "
+                                     "embedding) with the float model on the whole validation split. Below it, the "
+                                     "most sensitive nodes are kept in float one by one (the fallback). 0 opts "
+                                     "out explicitly.", default=d.QUANTIZATION_MIN_AGREEMENT, minimum=0.0, maximum=1.0)
+    max_fallback_nodes: int = api_field("Most nodes the fallback may keep in float before the quantization is "
+                                        "declared a failure.", default=d.QUANTIZATION_MAX_FALLBACK_NODES,
+                                        minimum=0, maximum=1000)
 
 
 @dataclass
@@ -116,6 +204,8 @@ class CompressionSpec:
     pruning: PruningSpec = api_field("Pruning settings.", default_factory=PruningSpec)
     quantization: QuantizationSpec = api_field("Quantization settings.", default_factory=QuantizationSpec)
     search: SearchSpec = api_field("Sparsity search settings.", default_factory=SearchSpec)
+    fine_tuning: FineTuningSpec = api_field("Fine-tuning settings.", default_factory=FineTuningSpec)
+    distillation: DistillationSpec = api_field("Knowledge distillation settings.", default_factory=DistillationSpec)
 
 
 @dataclass
@@ -130,7 +220,11 @@ class SliceGate:
 
 @dataclass
 class GatesSpec:
-    """Metric gates a compressed artifact must pass to be promoted. An unset gate is not checked."""
+    """Metric gates a compressed artifact must pass to be promoted, measured on the eval data alone.
+
+    When no quality gate is set, the task's default applies (classification: maxAccuracyDrop 0.01, Intel Neural
+    Compressor's default criterion; regression: maxR2Drop 0.01; embedding: minCosineSimilarity 0.99), unless
+    defaults is false."""
 
     max_accuracy_drop: float | None = api_field("Largest accepted accuracy drop vs the baseline, as a fraction "
                                                 "(0.01 = one point).", minimum=0.0, maximum=1.0)
@@ -142,6 +236,19 @@ class GatesSpec:
                                              minimum=0.0, exclusive_minimum=True)
     max_calibration_error: float | None = api_field("Largest accepted expected calibration error.",
                                                     minimum=0.0, maximum=1.0)
+    max_mae: float | None = api_field("Regression: largest accepted mean absolute error.", minimum=0.0)
+    max_rmse: float | None = api_field("Regression: largest accepted root mean squared error.", minimum=0.0)
+    min_r2: float | None = api_field("Regression: lowest accepted R² (coefficient of determination).", maximum=1.0)
+    max_r2_drop: float | None = api_field("Regression: largest accepted R² drop vs the baseline.", minimum=0.0)
+    min_agreement: float | None = api_field("Fidelity: lowest accepted top-1 agreement with the uncompressed "
+                                            "model's predictions (classification); needs no labels.",
+                                            minimum=0.0, maximum=1.0)
+    min_cosine_similarity: float | None = api_field("Fidelity: lowest accepted mean cosine similarity of the outputs "
+                                                    "to the uncompressed model's (any task; needs no labels).",
+                                                    minimum=-1.0, maximum=1.0)
+    defaults: bool = api_field("Apply the task's default quality gate when no quality gate is set; false opts out "
+                               "explicitly (then a candidate with no gates is promoted unchecked).",
+                               default=d.GATES_DEFAULTS)
     slices: list[SliceGate] = api_field("Per-slice accuracy floors.", default_factory=list, max_items=64)
     min_slice_samples: int = api_field("A slice with fewer eval rows is judged Inconclusive, not passed.",
                                        default=d.MIN_SLICE_SAMPLES, minimum=1)
@@ -189,7 +296,11 @@ class DriftSpec:
     enabled: bool = api_field("Run the drift watcher.", default=d.DRIFT_ENABLED)
     detector: str = api_field("Alibi Detect detector: ks, cvm, chisquare, tabular, mmd, lsdd.",
                               default=d.DRIFT_DETECTOR, enum=DETECTORS)
-    mode: str = api_field("window: test the newest windowSize rows every check; online: Alibi Detect's online "
+    signal: str | None = api_field("What is tested: inputs (the request features), outputs (predicted classes "
+                                   "or scores: prediction drift) or embeddings (the model's output vectors). "
+                                   "Unset: inputs for float inputs, outputs for token/integer inputs (a KS test on "
+                                   "token ids means nothing).", enum=DRIFT_SIGNALS)
+    mode: str = api_field("window: test each disjoint run of windowSize fresh rows once, in order; online: Alibi Detect's online "
                           "detectors (mmd, lsdd, cvm) fed one row at a time, calibrated by ert.",
                           default=d.DRIFT_MODE, enum=DRIFT_MODES)
     p_value: float = api_field("Significance level of the drift test.", default=d.DRIFT_P_VALUE,
@@ -198,13 +309,18 @@ class DriftSpec:
                          minimum=1)
     window_size: int = api_field("Rows per test (window mode) or online window size.",
                                  default=d.DRIFT_WINDOW_SIZE, minimum=10, maximum=100000)
+    max_window_age_seconds: int | None = api_field("Window mode: test a partial window once its oldest row is this "
+                                                   "old (marked with its size; Inconclusive below the detector's "
+                                                   "minimum). Unset: a partial window waits until it fills.",
+                                                   minimum=1)
     check_interval_seconds: int = api_field("Seconds between checks.", default=d.DRIFT_CHECK_INTERVAL_SECONDS,
                                             minimum=1)
     correction: str = api_field("Multivariate correction for feature-wise tests.", default=d.DRIFT_CORRECTION,
                                 enum=CORRECTIONS)
     categorical_features: list[CategoricalFeature] = api_field(
         "Categorical features (for chisquare and tabular).", default_factory=list, max_items=256)
-    consecutive_windows: int = api_field("Act only after this many drifting checks in a row (hysteresis).",
+    consecutive_windows: int = api_field("Act only after this many drifting windows in a row (hysteresis); each "
+                                         "window is fresh, disjoint traffic.",
                                          default=d.DRIFT_CONSECUTIVE_WINDOWS, minimum=1, maximum=100)
     action: str = api_field("What a drift verdict does: rollback, retrain (needs data.retrain) or alert.",
                             default=d.DRIFT_ACTION, enum=DRIFT_ACTIONS)
@@ -255,7 +371,8 @@ def compression_inputs(spec: CompressedModelSpec) -> dict:
 
     return {
         "model": to_wire(spec.model),
-        "data": {"train": spec.data.train, "eval": spec.data.eval},
+        "data": {"train": spec.data.train, "eval": spec.data.eval, "validation": spec.data.validation,
+                 "validationFraction": spec.data.validation_fraction},
         "compression": to_wire(spec.compression),
         "gates": to_wire(spec.gates),
     }

@@ -11,6 +11,7 @@ from kompressor.api.status import Candidate, GateResult, Revision
 from kompressor.core import conditions, promotion, reasons, revisions
 from kompressor.core.actions import DeleteJob
 from kompressor.core.context import Run
+from kompressor.errors import BAD_INPUT_EXIT_CODE
 
 # How long to wait before looking again for the report of a succeeded evaluation Job.
 REPORT_RETRY_SECONDS = 10.0
@@ -103,17 +104,23 @@ def _stage_succeeded(run: Run, kind: str, c: Candidate) -> bool:
             run.runs.append(run.run_job(kind, c))
         return False
     if job.phase == "Failed":
-        fail(run, job.name, job.kind, job.message)
+        fail(run, job.name, job.kind, job.message, bad_input=job.bad_input)
         return False
     return job.phase == "Succeeded"
 
 
-def fail(run: Run, job_name: str, kind: str, why: str) -> None:
-    message = f"{kind} Job {job_name} failed after its retries" + (f": {why}" if why else "")
+def fail(run: Run, job_name: str, kind: str, why: str, bad_input: bool = False) -> None:
+    if bad_input:  # exit 2: the spec or a file it names is wrong; retrying the same input fails the same way
+        message = (f"{kind} Job {job_name} failed on bad input (exit code {BAD_INPUT_EXIT_CODE}), not retried"
+                   + (f": {why}" if why else ""))
+        todo = f"; fix the spec or the files it names, then set annotation {d.ANNOTATION_RETRY} to a new value"
+    else:
+        message = f"{kind} Job {job_name} failed after its retries" + (f": {why}" if why else "")
+        todo = f"; set annotation {d.ANNOTATION_RETRY} to a new value to retry"
     conditions.put(run.st, "Compressed", "False", reasons.JOB_FAILED, message, run.gen, run.stamp)
     run.event(reasons.JOB_FAILED, message, warning=True)
     if not run.paused:
-        run.phase("Failed", message + f"; set annotation {d.ANNOTATION_RETRY} to a new value to retry")
+        run.phase("Failed", message + todo)
 
 
 def record(run: Run, c: Candidate, report: EvalReport) -> None:

@@ -23,6 +23,7 @@ class JobState:
     generation: int
     phase: JobPhase
     message: str = ""  # why it failed, when it did (after its backoffLimit)
+    bad_input: bool = False  # it failed on bad input (exit 2): at once, not retried
     started_at: datetime | None = None
     finished_at: datetime | None = None
 

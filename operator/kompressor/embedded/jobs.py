@@ -1,5 +1,7 @@
-"""Pruning and evaluation jobs as local subprocesses, with the semantics of a Kubernetes Job:
-a failed attempt is retried until ``spec.jobs.backoffLimit`` retries are spent, a job running longer
+"""Pruning and evaluation jobs as local subprocesses, with the semantics of a Kubernetes Job and the
+operator's ``podFailurePolicy`` (kompressor.k8s.children.pod_failure_policy): an attempt that exits 2
+(bad input) fails the job at once; any other failed attempt is retried until ``spec.jobs.backoffLimit``
+retries are spent; a job running longer
 than ``activeDeadlineSeconds`` (all attempts together) is stopped and failed, and a finished job
 keeps its phase until deleted.
 """
@@ -17,6 +19,7 @@ from kompressor.core.observed import JobState
 from kompressor.embedded.layout import read_json, write_json
 from kompressor.embedded.processes import Child
 from kompressor.embedded.progress import JOB_PROGRESS
+from kompressor.errors import BAD_INPUT_EXIT_CODE
 
 
 @dataclass
@@ -48,6 +51,7 @@ class LocalJobs:
             state = JobState(
                 name=record["name"], kind=record["kind"], revision=record["revision"],
                 generation=record["generation"], phase=record["phase"], message=record.get("message", ""),
+                bad_input=bool(record.get("badInput", False)),
                 started_at=_parse_time(record.get("startedAt")), finished_at=_parse_time(record.get("finishedAt")),
             )
             self.jobs[state.name] = LocalJob(state=state, argv=record.get("argv", []), backoff_limit=0,
@@ -100,14 +104,17 @@ class LocalJobs:
                 return
             log("job attempt failed", level="warning", job=name, attempt=job.attempts, exit_code=code,
                 message=message)
+            if code == BAD_INPUT_EXIT_CODE:  # the same input fails the same way: not retried
+                self._finish(job, "Failed", message or f"exit code {code}", bad_input=True)
+                return
             if code == -1 or job.attempts > job.backoff_limit:
                 reason = message or f"exit code {code}"
                 self._finish(job, "Failed", f"{name} failed after {job.attempts} attempt(s): {reason}")
                 return
 
-    def _finish(self, job: LocalJob, phase: str, message: str) -> None:
+    def _finish(self, job: LocalJob, phase: str, message: str, bad_input: bool = False) -> None:
         JOB_PROGRESS.finished(job.state.name)
-        job.state = replace(job.state, phase=phase, message=message, finished_at=_now())
+        job.state = replace(job.state, phase=phase, message=message, bad_input=bad_input, finished_at=_now())
         log(f"job {phase.lower()}", level="info" if phase == "Succeeded" else "warning", job=job.state.name,
             **({"message": message} if message else {}))
         self._save()
@@ -135,6 +142,7 @@ class LocalJobs:
         write_json(self.jobs_file, [
             {"name": j.state.name, "kind": j.state.kind, "revision": j.state.revision,
              "generation": j.state.generation, "phase": j.state.phase, "message": j.state.message,
+             "badInput": j.state.bad_input, "attempts": j.attempts,
              "startedAt": _format_time(j.state.started_at), "finishedAt": _format_time(j.state.finished_at),
              "argv": j.argv}
             for j in self.jobs.values() if j.state.phase in ("Succeeded", "Failed")

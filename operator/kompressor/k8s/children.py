@@ -11,6 +11,7 @@ from kompressor.api import defaults as d
 from kompressor.api.manifest import CompressedModel
 from kompressor.core import names
 from kompressor.core.actions import RunJob, Serve
+from kompressor.errors import BAD_INPUT_EXIT_CODE
 from kompressor.k8s import resources as r
 from kompressor.k8s.storage import PodStore, pod_path_of
 
@@ -121,6 +122,17 @@ def _env(store: PodStore) -> list[dict]:
             {"name": "KOMPRESSOR_JSON_LOGS", "value": "1"}]
 
 
+def pod_failure_policy(container: str) -> dict:
+    """Bad input (exit 2) fails the Job at once: a retry would fail the same way, after waiting for a node
+    (a GPU one, perhaps) and pulling the image again. A Pod preempted, evicted or drained (the
+    DisruptionTarget condition) is retried without counting against backoffLimit. Needs restartPolicy Never."""
+    return {"rules": [
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": container, "operator": "In", "values": [BAD_INPUT_EXIT_CODE]}},
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
 def job(cm: CompressedModel, action: RunJob, store: PodStore) -> dict:
     jobs = cm.spec.jobs
     spec_path = f"{SPEC_MOUNT}/{SPEC_FILE}"
@@ -146,6 +158,7 @@ def job(cm: CompressedModel, action: RunJob, store: PodStore) -> dict:
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
         "spec": {"backoffLimit": jobs.backoff_limit, "activeDeadlineSeconds": jobs.active_deadline_seconds,
+                 "podFailurePolicy": pod_failure_policy(container["name"]),
                  "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec}},
     }
 

@@ -12,6 +12,8 @@ from kompressor.core import names
 from kompressor.core.observed import JobState, Observed, ServingState
 from kompressor.k8s import resources as r
 
+JOB_REASON_POD_FAILURE_POLICY = "PodFailurePolicy"  # the Job controller's reason when a FailJob rule matched
+
 
 def _time(value: str | None) -> datetime | None:
     if not value:
@@ -33,7 +35,7 @@ def job_state(name: str, labels: dict, status: dict) -> JobState | None:
     if kind not in ("prune", "evaluate"):
         return None
     conditions = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
-    phase, message, finished = "Pending", "", None
+    phase, message, finished, bad_input = "Pending", "", None, False
     if "Complete" in conditions or "SuccessCriteriaMet" in conditions:
         phase = "Succeeded"
         finished = _time(status.get("completionTime") or conditions.get("Complete", {}).get("lastTransitionTime"))
@@ -41,11 +43,13 @@ def job_state(name: str, labels: dict, status: dict) -> JobState | None:
         phase = "Failed"
         failed = conditions["Failed"]
         message = failed.get("message") or failed.get("reason") or "the Job failed"
+        # The only FailJob rule of children.pod_failure_policy is exit code 2: bad input.
+        bad_input = failed.get("reason") == JOB_REASON_POD_FAILURE_POLICY
         finished = _time(failed.get("lastTransitionTime"))
     elif status.get("active") or status.get("startTime"):
         phase = "Running"
     return JobState(name=name, kind=kind, revision=revision, generation=generation, phase=phase,
-                    message=message, started_at=_time(status.get("startTime")), finished_at=finished)
+                    message=message, bad_input=bad_input, started_at=_time(status.get("startTime")), finished_at=finished)
 
 
 def serving_state(labels: dict, spec: dict, status: dict, generation: int | None) -> ServingState:

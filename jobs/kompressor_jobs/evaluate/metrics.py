@@ -11,7 +11,7 @@ import numpy as np
 
 from kompressor.api.status import Metrics, SliceMetrics
 from kompressor_jobs.data import Dataset
-from kompressor_jobs.onnx_export import graph_sparsity, run, session
+from kompressor_jobs.runtime import graph_sparsity, run, session
 
 ECE_BINS = 15
 THROUGHPUT_BATCH = 64

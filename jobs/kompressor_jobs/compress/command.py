@@ -96,7 +96,8 @@ def versions() -> dict:
 
 def ensure_baseline(source: SourceModel, cache: Path, parity_batch: np.ndarray) -> tuple[Path, str]:
     """The uncompressed model as ONNX, exported once per source-model digest. Returns (folder, sha256)."""
-    from kompressor_jobs.onnx_export import check_parity, export_onnx, io_signature
+    from kompressor_jobs.compress.export import check_parity, export_onnx
+    from kompressor_jobs.runtime import io_signature
 
     folder = cache / source.digest[:16]
     if folder.is_dir():
@@ -134,10 +135,10 @@ def ensure_baseline(source: SourceModel, cache: Path, parity_batch: np.ndarray) 
 # --- one compression ---------------------------------------------------------------------------
 
 def compress(ctx: Context, config: CompressionSpec, sparsity: float, folder: Path) -> Candidate:
-    from kompressor_jobs.onnx_export import (
-        PARITY_ATOL, PARITY_RTOL, check_parity, export_onnx, graph_sparsity, quantize, run, session,
-    )
-    from kompressor_jobs.pruning import prune_model
+    from kompressor_jobs.compress.export import PARITY_ATOL, PARITY_RTOL, check_parity, export_onnx
+    from kompressor_jobs.compress.pruning import prune_model
+    from kompressor_jobs.compress.quantization import quantize
+    from kompressor_jobs.runtime import graph_sparsity, run, session
 
     folder.mkdir(parents=True, exist_ok=True)
     p = config.pruning
@@ -177,8 +178,8 @@ def compress(ctx: Context, config: CompressionSpec, sparsity: float, folder: Pat
 def search(ctx: Context, config: CompressionSpec, gates: GatesSpec, work: Path) -> tuple[Candidate, list[Probe], dict]:
     """Bisection over sparsity: probe the top of the range, then the bottom, then halve the interval
     between the largest passing and the smallest failing sparsity. The largest passing probe wins."""
-    from kompressor_jobs.gates import check_gates
-    from kompressor_jobs.metrics import QUICK, measure
+    from kompressor_jobs.evaluate.gates import check_gates
+    from kompressor_jobs.evaluate.metrics import QUICK, measure
 
     s = config.search
     baseline_model = ctx.baseline_dir / MODEL_FILE
@@ -285,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _write_candidate_manifest(folder: Path, args, ctx: Context, train_uri: str, candidate: Candidate,
                               search_summary: dict | None, hw: dict, seconds: float) -> None:
-    from kompressor_jobs.onnx_export import io_signature
+    from kompressor_jobs.runtime import io_signature
 
     spec = ctx.resource.spec
     manifest = {

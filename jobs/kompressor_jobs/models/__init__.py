@@ -20,7 +20,7 @@ from torch import nn
 from kompressor.console import log, progress
 from kompressor.errors import UserError
 from kompressor.store import resolve_local, sha256_file
-from kompressor_jobs.builtin import BuiltinModel, builtin_model
+from kompressor_jobs.models.builtin import BuiltinModel, builtin_model
 from kompressor_jobs.data import Dataset, load_dataset
 
 SEED = 0

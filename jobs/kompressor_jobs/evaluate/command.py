@@ -18,7 +18,7 @@ from kompressor.api.wire import from_wire, to_wire
 from kompressor.console import log
 from kompressor.errors import UserError
 from kompressor.store import MODEL_FILE, resolve_local, verify_artifact
-from kompressor_jobs.prune import PROBES_FILE, load_resource
+from kompressor_jobs.compress.command import PROBES_FILE, load_resource
 from kompressor_jobs.staging import staged_folder
 
 MODEL_CARD_MD = "model_card.md"
@@ -27,8 +27,8 @@ MODEL_CARD_JSON = "model_card.json"
 
 def main(args: argparse.Namespace) -> int:
     from kompressor_jobs.data import load_dataset
-    from kompressor_jobs.gates import check_gates
-    from kompressor_jobs.metrics import measure
+    from kompressor_jobs.evaluate.gates import check_gates
+    from kompressor_jobs.evaluate.metrics import measure
 
     resource = load_resource(args.spec)
     spec = resource.spec
@@ -94,7 +94,7 @@ INTENDED_USE = {
 
 
 def model_card(resource, manifest: dict, report: EvalReport, data) -> dict:
-    from kompressor_jobs.builtin import builtin_model
+    from kompressor_jobs.models.builtin import builtin_model
 
     model = manifest.get("model") or {}
     uri = model.get("uri", "")

@@ -1,0 +1,198 @@
+"""Accuracy-aware sparsity search, judged on the validation split (never on eval).
+
+The search does not assume that accuracy falls steadily with sparsity (it does not: a pruned and
+fine-tuned model is sometimes better at 95 % than at 90 %). It probes a coarse grid from the top
+of the range downwards and stops at the first sparsity that passes every gate on validation:
+every sparser grid point was tried and failed. The remaining probes refine the one cell between
+that pass and the failed grid point above it. When nothing on the grid passes, the remaining
+probes fill the widest untried gaps. Every probe's result is kept (``probes.json``); the kept
+candidate is the sparsest probe that passed on validation, and the other passing probes are kept
+as alternates (sparsest first), each a complete artifact folder, so the evaluate Job can confirm
+the choice on eval and fall back to the next passing probe when eval disagrees.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kompressor.api.report import Probe
+from kompressor.api.spec import CompressionSpec, GatesSpec
+from kompressor.api.status import Gates, Metrics
+from kompressor.api.wire import to_wire
+from kompressor.console import log, progress
+from kompressor.store import MODEL_FILE
+
+PROBES_FILE = "probes.json"
+ALTERNATES_DIR = "alternates"  # passing probes other than the kept one: alternates/probe-<i>/ (artifact folders)
+
+
+@dataclass
+class ProbeRun:
+    index: int
+    sparsity: float
+    candidate: Any  # compress.command.Candidate
+    metrics: Metrics
+    gates: Gates
+
+    @property
+    def passed(self) -> bool:
+        return self.gates.passed
+
+
+@dataclass
+class SearchResult:
+    chosen: Any  # the Candidate kept (the sparsest probe that passed on validation, else the least bad)
+    runs: list[ProbeRun]
+    summary: dict
+    alternates: list[ProbeRun] = field(default_factory=list)  # other passing probes, sparsest first
+
+    @property
+    def probes(self) -> list[Probe]:
+        return [Probe(sparsity=r.sparsity, metrics=r.metrics, gates=r.gates) for r in self.runs]
+
+
+def plan_grid(lo: float, hi: float, max_probes: int) -> list[float]:
+    """The coarse grid, from the top of the range down: about half the probe budget (at least the two
+    ends when the budget allows), the rest is kept for refinement."""
+    if max_probes <= 1 or hi - lo < 1e-4:
+        return [round(hi, 4)]
+    size = max(2, (max_probes + 1) // 2)
+    step = (hi - lo) / (size - 1)
+    return [round(hi - i * step, 4) for i in range(size)]
+
+
+def next_probe(lo: float, hi: float, runs: list[ProbeRun]) -> float | None:
+    """The next sparsity to try after the grid, or None when nothing new is left to learn."""
+    tried = sorted({r.sparsity for r in runs})
+    passing = [r.sparsity for r in runs if r.passed]
+    if passing:
+        best = max(passing)
+        above = [s for s in tried if s > best]
+        if not above:
+            return None  # the top of the range passes
+        candidate = round((best + min(above)) / 2, 4)
+    else:  # nothing passed yet: the middle of the widest untried gap (the ends are on the grid)
+        points = sorted(set(tried) | {round(lo, 4), round(hi, 4)})
+        gaps = [(b - a, a, b) for a, b in zip(points, points[1:])]
+        if not gaps:
+            return None
+        _, a, b = max(gaps)
+        candidate = round((a + b) / 2, 4)
+    if any(abs(candidate - s) < 1e-4 for s in tried):
+        return None  # the interval is as narrow as the rounding allows
+    return candidate
+
+
+def search(ctx, config: CompressionSpec, gates: GatesSpec, work: Path,
+           compress: Callable[[Any, CompressionSpec, float, Path], Any], validation) -> SearchResult:
+    """Probe sparsities with ``compress(ctx, config, sparsity, folder)``; judge each on ``validation``."""
+    from kompressor_jobs.evaluate.gates import check_gates
+    from kompressor_jobs.evaluate.metrics import QUICK, measure
+
+    s = config.search
+    lo, hi = min(s.min_sparsity, s.max_sparsity), max(s.min_sparsity, s.max_sparsity)
+    baseline = measure(ctx.baseline_dir / MODEL_FILE, validation, timing=QUICK)  # once, reused by every probe
+    grid = plan_grid(lo, hi, s.max_probes)
+    runs: list[ProbeRun] = []
+
+    def probe(sparsity: float) -> ProbeRun:
+        i = len(runs)
+        candidate = compress(ctx, config, sparsity, work / f"probe-{i}")
+        metrics = measure(candidate.model, validation, baseline_size=baseline.size_bytes, timing=QUICK)
+        run = ProbeRun(i, sparsity, candidate, metrics, check_gates(gates, metrics, baseline))
+        runs.append(run)
+        bar.advance(sparsity=sparsity, passed=run.passed, accuracy=metrics.accuracy)
+        return run
+
+    with progress("sparsity search (judged on validation)", total=s.max_probes) as bar:
+        for sparsity in grid:
+            if len(runs) >= s.max_probes:
+                break
+            if probe(sparsity).passed:
+                break  # every sparser grid point failed: refine between this one and the failed one above
+        while len(runs) < s.max_probes:
+            sparsity = next_probe(lo, hi, runs)
+            if sparsity is None:
+                break
+            probe(sparsity)
+
+    passing = sorted((r for r in runs if r.passed), key=lambda r: (-r.sparsity, r.index))
+    summary: dict[str, Any] = {
+        "judgedOn": "validation", "range": [lo, hi], "maxProbes": s.max_probes, "probes": len(runs),
+        "grid": grid, "passingSparsities": [r.sparsity for r in passing],
+        "monotone": _monotone(runs),
+    }
+    if passing:
+        chosen, alternates = passing[0], passing[1:]
+        summary.update(passed=True, chosenSparsity=chosen.sparsity)
+        log("sparsity search chose a sparsity on validation", sparsity=chosen.sparsity,
+            alternates=[r.sparsity for r in alternates], probes=len(runs))
+        return SearchResult(chosen.candidate, runs, summary, alternates)
+    # Nothing passed: keep the probe that failed the fewest gates (then the most accurate), flagged.
+    worst = max(runs, key=lambda r: (sum(g.outcome == "Successful" for g in r.gates.results),
+                                     r.metrics.accuracy or 0.0, r.sparsity))
+    failed = [f"{g.gate}: {g.message}" for g in worst.gates.results if g.outcome != "Successful"]
+    summary.update(passed=False, chosenSparsity=worst.sparsity,
+                   reason=f"no probed sparsity in [{lo}, {hi}] passed every gate on validation; best candidate "
+                          f"{worst.sparsity} fails " + "; ".join(failed))
+    log("sparsity search found no passing candidate", level="warning", reason=summary["reason"])
+    return SearchResult(worst.candidate, runs, summary, [])
+
+
+def _monotone(runs: list[ProbeRun]) -> bool:
+    """Whether the verdicts were consistent with "passes below some sparsity, fails above it"."""
+    ordered = sorted(runs, key=lambda r: r.sparsity)
+    seen_fail = False
+    for r in ordered:
+        if not r.passed:
+            seen_fail = True
+        elif seen_fail:
+            return False
+    return True
+
+
+def write_outputs(staging: Path, result: SearchResult, write_manifest: Callable[[Path, Any], None]) -> None:
+    """Into the artifact being staged: ``probes.json`` (every probe, its validation metrics and verdict,
+    and where its artifact is kept) and ``alternates/probe-<i>/`` for the other passing probes, each a
+    complete artifact folder written by ``write_manifest(folder, candidate)``."""
+    rows = []
+    paths: dict[int, str] = {}
+    for rank, run in enumerate(result.alternates, start=1):
+        folder = staging / ALTERNATES_DIR / f"probe-{run.index}"
+        folder.mkdir(parents=True)
+        shutil.copy2(run.candidate.model, folder / MODEL_FILE)
+        write_manifest(folder, run.candidate)
+        paths[run.index] = f"{ALTERNATES_DIR}/probe-{run.index}"
+    order = {run.index: rank for rank, run in enumerate(result.alternates, start=1)}
+    for run in result.runs:
+        chosen = run.candidate is result.chosen
+        rows.append({
+            "index": run.index, "sparsity": run.sparsity, "judgedOn": "validation",
+            "metrics": to_wire(run.metrics), "gates": to_wire(run.gates),
+            "chosen": chosen, "fallbackRank": 0 if chosen and run.passed else order.get(run.index),
+            "artifact": "." if chosen else paths.get(run.index),
+        })
+    (staging / PROBES_FILE).write_text(json.dumps(rows, indent=2))
+
+
+def read_probes(folder: Path) -> list[dict]:
+    path = Path(folder) / PROBES_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def fallbacks(folder: Path) -> list[tuple[float, Path]]:
+    """The alternates of a searched artifact, in the order the evaluate Job tries them on eval when the
+    kept candidate fails there: (sparsity, artifact folder)."""
+    rows = [r for r in read_probes(folder) if r.get("fallbackRank") and r.get("artifact")]
+    rows.sort(key=lambda r: r["fallbackRank"])
+    out = []
+    for r in rows:
+        path = (Path(folder) / r["artifact"]).resolve()
+        if Path(folder).resolve() not in path.parents:
+            continue  # never follow a path out of the artifact
+        out.append((r["sparsity"], path))
+    return out
