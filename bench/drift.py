@@ -45,7 +45,7 @@ NOTES = """
 
 - KS runs Alibi Detect's `KSDrift` with its per-feature loop of scipy calls replaced by one vectorised pass
   (same statistic, same `kstwo` p-value; `tests/drift/test_detectors.py` checks the p-values equal
-  `KSDrift`'s bit for bit). The plain loop measured about 57,000 rows/s here, below the target.
+  `KSDrift`'s bit for bit). Alibi's own loop is measured beside it in the same run (the throughput table).
 - Window throughput grows with the window (the reference is sorted once); 1,000-row windows are the
   table's convention. MMD is dominated by its 100-permutation test (kernel matrices of 2,000 rows);
   LSDD is cheap per check. Alibi's CVM assumes continuous data: declared categorical features are left
@@ -96,6 +96,21 @@ def throughput(detector: str, repeats: int) -> float:
     started = time.perf_counter()
     for _ in range(repeats):
         det.check(window)
+    return repeats * len(window) / (time.perf_counter() - started)
+
+
+def alibi_ks_throughput(repeats: int) -> float:
+    """Alibi Detect's own ``KSDrift`` (its per-feature loop of scipy calls), same data and window as ``throughput``,
+    called directly: the number our vectorised KS pass is compared with, measured in the same run."""
+    from alibi_detect.cd import KSDrift
+
+    rng = np.random.default_rng(0)
+    det = KSDrift(rows(rng, 1000), p_val=0.05, correction="bonferroni")
+    window = rows(rng, 1000)
+    det.predict(window)  # warm-up
+    started = time.perf_counter()
+    for _ in range(repeats):
+        det.predict(window)
     return repeats * len(window) / (time.perf_counter() - started)
 
 
@@ -182,12 +197,15 @@ def render(results: dict, seconds: float, args) -> str:
         rate, calibration = results["online_tp"][name]
         lines.append(f"| {name} | online (window 50, ERT 200, 500 reference rows) | {rate:,.0f} | "
                      f"{calibration:.1f} s |")
+    lines.append(f"| ks, Alibi Detect's own `KSDrift.predict` (its per-feature scipy loop), called directly | window "
+                 f"(1,000 rows vs 1,000 reference rows) | {results['alibi_ks']:,.0f} | – |")
     lines.append(f"| capture read-back | `read_newest` | {results['read']:,.0f} | – |")
     ks = results["tp"]["ks"]
     lines += [
         "",
         f"Target: KS ≥ {KS_TARGET:,} rows/s: measured {ks:,.0f} rows/s, "
-        f"{'met' if ks >= KS_TARGET else 'missed'}.",
+        f"{'met' if ks >= KS_TARGET else 'missed'} ({ks / results['alibi_ks']:.1f}× Alibi's own loop, "
+        f"{results['alibi_ks']:,.0f} rows/s, in the same run).",
         "",
         "## Detection power",
         "",
@@ -228,6 +246,7 @@ def main() -> int:
     started = time.perf_counter()
     results = {
         "tp": {name: throughput(name, repeats=3 if name in ("mmd", "lsdd") else 30) for name in WINDOW_DETECTORS},
+        "alibi_ks": alibi_ks_throughput(repeats=30),
         "online_tp": {name: online_throughput(name, 1000) for name in ONLINE_DETECTORS},
         "read": capture_read_rate(),
         "power": {name: window_power(name, args.windows, 200) for name in WINDOW_DETECTORS},

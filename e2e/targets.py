@@ -13,8 +13,11 @@ Targets:
   remove the model from the file, status = status.json.
 - ``emulator``: the operator (`kompressor operator` subprocess) against the loopback
   Kubernetes API emulator, with tests/support's fixture playing the Job/Deployment controllers.
-- ``cluster``: a real cluster from $KUBECONFIG with the chart installed (see e2e/kind.sh);
-  inference through `kubectl port-forward` to the serving Service.
+- ``cluster``: a real Kubernetes control plane. Without $KUBECONFIG, the local one of e2e/cluster
+  (kube-apiserver, controller-manager, scheduler from the Kubernetes Go modules, Pods run by the process
+  kubelet): the chart is installed with the real `helm`, and inference goes to a ready endpoint of the
+  serving Service's EndpointSlice (each Pod has its own loopback address). With $KUBECONFIG, that
+  cluster with the chart installed (see e2e/kind.sh); inference through `kubectl port-forward`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,19 @@ import yaml
 from support.net import free_port, port_open
 
 REPO = Path(__file__).resolve().parents[1]
+LOCAL_NAMESPACE = "kompressor"  # the chart's release namespace on the local control plane (its PVC lives there)
+
+
+def local_cluster_wanted() -> bool:
+    """The local control plane of e2e/cluster, unless $KUBECONFIG names another cluster."""
+    return not os.environ.get("KUBECONFIG")
+
+
+def _local():
+    sys.path.insert(0, str(REPO / "e2e" / "cluster"))
+    import local  # e2e/cluster/local.py
+
+    return local
 
 
 class EmbeddedTarget:
@@ -169,17 +185,27 @@ class ClusterTarget:
     def __init__(self, workdir: Path, env: dict[str, str]):
         from kubernetes import client, config
 
-        config.load_kube_config()
-        self.api = client.CustomObjectsApi()
-        self.apps = client.AppsV1Api()
-        self.batch = client.BatchV1Api()
-        self.namespace = os.environ.get("KOMPRESSOR_E2E_NAMESPACE", "default")
+        self.local = _local().LocalCluster.shared() if local_cluster_wanted() else None
+        if self.local is not None:
+            api_client = config.new_client_from_config(config_file=str(self.local.kubeconfig))
+            self.namespace = LOCAL_NAMESPACE
+        else:
+            config.load_kube_config()
+            api_client = None
+            self.namespace = os.environ.get("KOMPRESSOR_E2E_NAMESPACE", "default")
+        self.api = client.CustomObjectsApi(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.discovery = client.DiscoveryV1Api(api_client)
         self.workdir = workdir
         self.forward: subprocess.Popen | None = None
         self.local_port = free_port()
         self.applied: set[str] = set()
 
     async def __aenter__(self) -> "ClusterTarget":
+        if self.local is not None:  # the chart, installed by the real helm; --wait: the operator Pod is Ready
+            await asyncio.to_thread(self.local.helm, "upgrade", "--install", "kompressor", str(REPO / "charts" / "kompressor"),
+                                    "--namespace", self.namespace, "--create-namespace", "--wait", "--timeout", "5m")
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -192,6 +218,9 @@ class ClusterTarget:
                                         "compressedmodels", name)
             except ApiException:
                 pass
+        if self.local is not None:
+            await asyncio.to_thread(self.local.helm, "uninstall", "kompressor", "--namespace", self.namespace,
+                                    "--wait", "--timeout", "3m", check=False)
 
     async def apply(self, doc: dict) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -229,6 +258,8 @@ class ClusterTarget:
     async def inference_url(self, name: str, refresh: bool = False) -> str:
         from kompressor.core.names import serving_name
 
+        if self.local is not None:
+            return await self._endpoint_url(name)
         if refresh:
             self._stop_forward()
         if self.forward is None or self.forward.poll() is not None:
@@ -243,6 +274,22 @@ class ClusterTarget:
                     break
                 await asyncio.sleep(0.1)
         return f"http://127.0.0.1:{self.local_port}"
+
+    async def _endpoint_url(self, name: str) -> str:
+        """A ready endpoint of the serving Service, from its EndpointSlices (kept by the real controller)."""
+        from kompressor.core.names import serving_name
+
+        service = serving_name(name)
+        for _ in range(300):
+            slices = await asyncio.to_thread(self.discovery.list_namespaced_endpoint_slice, self.namespace,
+                                             label_selector=f"kubernetes.io/service-name={service}")
+            for item in slices.items:
+                port = next((p.port for p in item.ports or [] if p.name == "http"), None)
+                for endpoint in item.endpoints or []:
+                    if port and endpoint.conditions and endpoint.conditions.ready and endpoint.addresses:
+                        return f"http://{endpoint.addresses[0]}:{port}"
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"no ready endpoint of Service {service}")
 
     def _stop_forward(self) -> None:
         if self.forward and self.forward.poll() is None:
@@ -272,6 +319,9 @@ class ClusterTarget:
             raise
 
     def diagnostics(self) -> str:
+        if self.local is not None:
+            return (self.local.pod_logs(self.namespace, "kompressor")[-4000:] + "\n"
+                    + self.local.pod_logs(self.namespace, NAME_PREFIX)[-4000:] + "\n" + self.local.diagnostics())
         return "see `kubectl -n kompressor-system logs deploy/kompressor-operator` and the model's Events"
 
 
@@ -293,8 +343,14 @@ def _kubectl() -> str:
     return shutil.which("kubectl") or "kubectl"
 
 
+NAME_PREFIX = "digits"
+
+
 def cluster_unavailable_reason() -> str | None:
-    """None when $KUBECONFIG (or ~/.kube/config) reaches a cluster with the CRD installed."""
+    """None when the local control plane is built (without $KUBECONFIG), or when $KUBECONFIG reaches a
+    cluster with the CRD installed."""
+    if local_cluster_wanted():
+        return _local().unavailable_reason()
     kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube" / "config")
     if not Path(kubeconfig.split(os.pathsep)[0]).is_file():
         return (f"no kubeconfig ({kubeconfig} does not exist): set KUBECONFIG to a reachable cluster, "

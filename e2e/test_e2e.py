@@ -17,7 +17,10 @@ def skip_reason(name: str) -> str | None:
     if chosen and chosen != name:
         return f"KOMPRESSOR_E2E_TARGET={chosen} selects another target"
     if name == "cluster":
-        return cluster_unavailable_reason()
+        reason = cluster_unavailable_reason()
+        if reason and os.environ.get("KOMPRESSOR_REQUIRE_CLUSTER") == "1":  # CI: the cluster target must run
+            pytest.fail(f"KOMPRESSOR_REQUIRE_CLUSTER=1 but {reason}")
+        return reason
     return None
 
 

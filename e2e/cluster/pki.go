@@ -13,7 +13,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
-	"errors"
 	"fmt"
 	"math/big"
 	"net"
@@ -222,5 +221,3 @@ func (p *pki) kubeconfig(path, server, name, user string) error {
 	}
 	return os.Rename(tmp, path)
 }
-
-var errNoPKI = errors.New("no PKI")

@@ -68,7 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where verdicts go: a JSON file path, or k8s://NAMESPACE/NAME to patch the status")
     p.add_argument("--reference", help="reference data URI (default: spec.data.reference, else spec.data.eval)")
     p.add_argument("--revision", type=int, help="serving revision, recorded in each verdict")
-    p.add_argument("--state", help="folder for detector state (online mode resumes from it)")
+    p.add_argument("--state", help="folder for the watcher's place in the capture and detector state (a restart "
+                   "goes on from it)")
+    p.add_argument("--artifact", help="the served artifact folder (spec.drift.signal outputs/embeddings: the "
+                   "reference is its outputs on the reference data)")
     p.add_argument("--once", action="store_true", help="run one check and exit")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
 

@@ -26,11 +26,13 @@ def serve_argv(artifact: str, name: str, port: int, capture: str | None, host: s
 
 
 def watcher_argv(spec: str, capture: str, verdict: str, revision: int, reference: str | None = None,
-                 state: str | None = None, metrics_port: int = 0) -> list[str]:
+                 state: str | None = None, metrics_port: int = 0, artifact: str | None = None) -> list[str]:
     argv = [*ENTRYPOINT, "watch-drift", "--spec", spec, "--capture", capture, "--verdict", verdict,
             "--revision", str(revision)]
     if reference:
         argv += ["--reference", reference]
+    if artifact:
+        argv += ["--artifact", artifact]
     if state:
         argv += ["--state", state]
     if metrics_port:

@@ -1,11 +1,13 @@
 """Compression, evaluation, gating, approval and promotion transitions of the reconcile core."""
 
+from dataclasses import replace
+
 import pytest
 from reconcile_world import (NAME, NAMESPACE, World, condition, events, make_report, names_of, of_type)
 
 from kompressor.api import defaults as d
 from kompressor.core import names, reasons
-from kompressor.core.actions import DeleteJob, Requeue, RunJob, Serve
+from kompressor.core.actions import DeleteJob, EmitEvent, Requeue, RunJob, Serve
 
 
 def test_a_new_resource_starts_compressing_revision_1():
@@ -57,6 +59,37 @@ def test_a_job_that_exhausts_its_backoff_fails_the_resource(kind):
     assert of_type(decision, RunJob) == []
     again = world.step()  # Failed is sticky: no new Job, no repeated event
     assert again.status.phase == "Failed" and again.actions == ()
+
+
+@pytest.mark.parametrize("kind", ["prune", "evaluate"])
+def test_a_job_failed_on_bad_input_says_so_and_what_to_do(kind):
+    """Exit 2 is not retried (podFailurePolicy): the message says the input was bad, so a person fixes the
+    spec and sets the retry annotation; the condition reason stays JobFailed (a failed candidate)."""
+    world = World.new()
+    world.step()
+    if kind == "evaluate":
+        world.finish("prune")
+        world.step()
+    job = world.job(kind, revision=1)
+    world.jobs[job.name] = replace(job, phase="Failed", message="model file not found: /m/model.pt2",
+                                   bad_input=True)
+    decision = world.step()
+    st = decision.status
+    assert st.phase == "Failed"
+    for text in (st.message, condition(st, "Compressed").message):
+        assert "bad input" in text and "not retried" in text and "model file not found: /m/model.pt2" in text
+        assert job.name in text and "after its retries" not in text
+    assert "fix the spec" in st.message and d.ANNOTATION_RETRY in st.message
+    assert condition(st, "Compressed").reason == reasons.JOB_FAILED
+    [event] = [a for a in decision.actions if isinstance(a, EmitEvent)]
+    assert (event.reason, event.type) == (reasons.JOB_FAILED, "Warning") and "bad input, not retried" in event.message
+    assert of_type(decision, RunJob) == []
+
+    # A new retry token starts a new candidate (the person fixed the input).
+    world.annotate(d.ANNOTATION_RETRY, "fixed")
+    again = world.step()
+    assert again.status.phase == "Compressing" and again.status.candidate.revision == 2
+    assert events(again) == [reasons.RETRY_REQUESTED, reasons.COMPRESSION_STARTED]
 
 
 def test_a_missing_report_waits_and_requeues():

@@ -1,5 +1,6 @@
 """`kompressor watch-drift` on traffic captured by a real `kompressor serve`: verdicts per detector with and
-without a shift, consecutive counting, Inconclusive, online state resume, and both verdict sinks."""
+without a shift, consecutive counting of disjoint windows, Inconclusive, online state resume, and both verdict
+sinks. test_drift_windows.py has the window-mode rules (bursts, trickles, restarts, rollbacks)."""
 
 from __future__ import annotations
 
@@ -64,18 +65,21 @@ def test_fdr_correction_reports_the_benjamini_hochberg_adjusted_p_value(traffic,
     assert verdict["isDrift"] is True
 
 
-def test_consecutive_counts_drifting_checks_of_one_revision_in_the_file_sink(traffic, tmp_path):
+def test_consecutive_counts_disjoint_drifting_windows_of_one_revision_in_the_file_sink(traffic, tmp_path):
     spec = write_spec(tmp_path, traffic["reference"], detector="ks", windowSize=100)
-    sink = tmp_path / "out" / "verdict.json"
-    result = watch_process(spec, traffic["capture"], sink, 2, "--once")  # the real command, as a process
+    sink, state = tmp_path / "out" / "verdict.json", tmp_path / "state"
+    # the real command, as a process: revision 2's 200 shifted rows are two windows, two drifting verdicts
+    result = watch_process(spec, traffic["capture"], sink, 2, "--once", "--state", state)
     assert result.returncode == 0, result.stderr
-    assert json.loads(sink.read_text())["consecutive"] == 1
+    shifted = json.loads(sink.read_text())
+    assert (shifted["consecutive"], shifted["windows"], shifted["samples"]) == (2, 2, 100)
+    assert (shifted["firstSequence"], shifted["lastSequence"]) == (ROWS_PER_REVISION + 100, 2 * ROWS_PER_REVISION - 1)
     assert not list(sink.parent.glob(".*.tmp"))  # replaced atomically, nothing half-written left
-    assert watch(spec, traffic["capture"], sink, 2)["consecutive"] == 2
-    assert watch(spec, traffic["capture"], sink, 2)["consecutive"] == 3
-    calm = watch(spec, traffic["capture"], sink, 1)
-    assert calm["outcome"] == "NoDrift" and calm["consecutive"] == 0
-    assert watch(spec, traffic["capture"], sink, 2)["consecutive"] == 1  # a new run of drifting checks
+    # the same rows are never tested again: more checks do not raise the count
+    assert watch(spec, traffic["capture"], sink, 2, "--state", state) == shifted
+    calm = watch(spec, traffic["capture"], sink, 1, "--state", state)
+    assert calm["outcome"] == "NoDrift" and calm["consecutive"] == 0 and calm["windows"] == 2
+    assert (calm["firstSequence"], calm["lastSequence"]) == (100, ROWS_PER_REVISION - 1)
 
 
 def test_too_few_rows_is_inconclusive(traffic, tmp_path):
@@ -158,16 +162,17 @@ def test_watch_loop_serves_metrics_and_checks_only_new_traffic(traffic, tmp_path
 
     try:
         wait(lambda: gauge("kompressor_drift_is_drift") == 1)
-        assert gauge("kompressor_drift_consecutive") == 1
+        assert gauge("kompressor_drift_consecutive") == 1 and gauge("kompressor_drift_windows") == 1
         assert 0 < gauge("kompressor_drift_p_value") < 0.05
-        # no new traffic: checks are skipped, so the count does not climb on the same rows
-        checks_before = json.loads((tmp_path / "v.json").read_text())["checkedAt"]
-        wait(lambda: b"drift check" in (tmp_path / "watcher.log").read_bytes())
+        assert gauge("kompressor_drift_last_sequence") == 99 and gauge("kompressor_drift_dropped_rows") == 0
+        # 20 rows wait for their window; 10 more fill none: the count does not climb on the same rows
         writer.submit(tabular_rows(rng, 10, shifted=True), revision=3)
+        writer.flush()
+        writer.submit(tabular_rows(rng, 70, shifted=True), revision=3)  # 100 fresh rows: the second window
         writer.flush()
         wait(lambda: gauge("kompressor_drift_consecutive") == 2)
         verdict = json.loads((tmp_path / "v.json").read_text())
-        assert verdict["consecutive"] == 2 and verdict["checkedAt"] >= checks_before
+        assert (verdict["consecutive"], verdict["firstSequence"], verdict["lastSequence"]) == (2, 100, 199)
         assert (tmp_path / "watcher.log").read_bytes().count(b'"drift check"') == 2
     finally:
         process.terminate()
@@ -192,12 +197,13 @@ async def test_verdict_lands_in_the_custom_resource_status(traffic, tmp_path, mo
             http, "POST", f"{url}/apis/kompressor.io/v1alpha1/namespaces/default/compressedmodels", body)
         assert status < 300, out
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-        for expected in (1, 2):
+        for _ in range(2):  # the second run finds its place in the status: nothing is tested again
             code = await asyncio.to_thread(kompressor, ["--json-logs", "watch-drift", "--spec", str(spec), "--capture",
                                                         str(traffic["capture"]), "--verdict", "k8s://default/tab",
                                                         "--revision", "2", "--once"])
             assert code == 0
             obj = api.get("kompressor.io/v1alpha1/compressedmodels", "default", "tab")
             drift = obj["status"]["drift"]
-            assert drift["isDrift"] is True and drift["consecutive"] == expected and drift["revision"] == 2
+            assert drift["isDrift"] is True and drift["consecutive"] == 2 and drift["revision"] == 2
+            assert (drift["windows"], drift["lastSequence"]) == (2, 2 * ROWS_PER_REVISION - 1)
             assert obj["status"]["phase"] == "Serving"  # a merge patch: the rest of the status is kept

@@ -1,4 +1,5 @@
-"""Jobs under `kompressor run`: backoffLimit retries, removal from the manifest, bad edits, SIGTERM mid-job."""
+"""Jobs under `kompressor run`: bad input fails at once, other failures get backoffLimit retries, removal from
+the manifest, bad edits, SIGTERM mid-job."""
 
 import json
 
@@ -27,19 +28,23 @@ def prune_pids(runner: RunnerProcess) -> dict[int, str]:
     return {pid: cmd for pid, cmd in children_of(runner.proc.pid).items() if " prune " in cmd}
 
 
-def test_failing_job_is_retried_backoff_limit_times_then_failed(tmp_path, job_env):
+def test_bad_input_fails_the_job_at_once_with_its_message(tmp_path, job_env):
+    """Exit 2 (the model file is missing) is final, as the Job's podFailurePolicy makes it in a cluster:
+    backoffLimit 2 is not spent on the same mistake."""
     manifest = tmp_path / "cm.yaml"
     missing = tmp_path / "no-such-model.pt2"
-    write_manifest(manifest, digits(model={"uri": missing.as_uri(), "inputShape": [64]}, jobs__backoffLimit=1))
+    write_manifest(manifest, digits(model={"uri": missing.as_uri(), "inputShape": [64]}, jobs__backoffLimit=2))
     runner = RunnerProcess(manifest, tmp_path / "work", free_port(), job_env)
     try:
-        status = runner.wait_status("phase Failed", lambda s: s.get("phase") == "Failed", 120)
+        status = runner.wait_status("phase Failed", lambda s: s.get("phase") == "Failed", 300)
         assert "digits-r1-g1-prune" in status["message"]
-        assert "2 attempt(s)" in status["message"]
+        assert "bad input, not retried" in status["message"] and str(missing) in status["message"]
+        assert "kompressor.io/retry" in status["message"]
         log = (runner.model_dir() / "logs" / "digits-r1-g1-prune.log").read_text()
-        assert log.count(str(missing)) >= 2  # both attempts said what was wrong
+        assert log.count(str(missing)) >= 1
         jobs = json.loads((runner.model_dir() / "jobs.json").read_text())
-        assert [(j["name"], j["phase"]) for j in jobs] == [("digits-r1-g1-prune", "Failed")]
+        assert [(j["name"], j["phase"], j["attempts"], j["badInput"]) for j in jobs] == [
+            ("digits-r1-g1-prune", "Failed", 1, True)]
         assert runner.proc.poll() is None  # a failed model does not stop the runner
 
         # A retry token in the manifest's annotations starts a new candidate (it fails the same way).
@@ -48,8 +53,30 @@ def test_failing_job_is_retried_backoff_limit_times_then_failed(tmp_path, job_en
         write_manifest(manifest, doc)
         status = runner.wait_status("the retry to fail again",
                                     lambda s: s.get("handledRetry") == "try-2" and s.get("phase") == "Failed"
-                                    and "digits-r2-g1-prune" in (s.get("message") or ""), 120)
+                                    and "digits-r2-g1-prune" in (s.get("message") or ""), 300)
         assert status["observedGeneration"] == 1
+    finally:
+        assert runner.terminate() == 0
+
+
+def test_a_job_failing_otherwise_is_retried_backoff_limit_times_then_failed(tmp_path, job_env):
+    """Any exit but 2 is retried: here the model cache lies under a regular file (an OSError, exit 1)."""
+    manifest = tmp_path / "cm.yaml"
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    write_manifest(manifest, digits(jobs__backoffLimit=1))
+    runner = RunnerProcess(manifest, tmp_path / "work", free_port(),
+                           {**job_env, "KOMPRESSOR_CACHE": str(blocker / "cache")})
+    try:
+        status = runner.wait_status("phase Failed", lambda s: s.get("phase") == "Failed", 400)
+        assert "digits-r1-g1-prune" in status["message"] and "2 attempt(s)" in status["message"]
+        assert "after its retries" in status["message"] and "bad input" not in status["message"]
+        assert "Not a directory" in status["message"]
+        log = (runner.model_dir() / "logs" / "digits-r1-g1-prune.log").read_text()
+        assert log.count("NotADirectoryError") >= 2  # both attempts ran
+        jobs = json.loads((runner.model_dir() / "jobs.json").read_text())
+        assert [(j["name"], j["phase"], j["attempts"], j["badInput"]) for j in jobs] == [
+            ("digits-r1-g1-prune", "Failed", 2, False)]
     finally:
         assert runner.terminate() == 0
 

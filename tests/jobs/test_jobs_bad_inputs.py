@@ -101,8 +101,12 @@ def test_retrain_without_retrain_data_is_refused(tmp_path, write_spec, jobs):
 
 def test_invalid_spec_names_the_field(tmp_path, write_spec, jobs):
     out = tmp_path / "candidate"
-    code, _ = jobs.prune(write_spec({"compression": {"pruning": {"method": "magic"}}}), out)
+    code, err = jobs.prune(write_spec({"compression": {"pruning": {"method": "magic"}}}), out)
     assert code == 2
+    assert "spec.compression.pruning.method" in err and "'magic'" in err, err  # the field and the bad value
+    assert_nothing_written(out)
+    code, err = jobs.prune(write_spec({"compression": {"pruning": {"sparsity": 1.5}}}), out)
+    assert code == 2 and "spec.compression.pruning.sparsity" in err, err
     code, err = jobs.prune(tmp_path / "missing.yaml", out)
     assert code == 2 and "spec file not found" in err
     assert_nothing_written(out)

@@ -163,33 +163,7 @@ def test_gates_fail_when_the_model_is_pruned_too_far(jobs, write_spec):
     assert "did not pass its gates" in card and "Inconclusive" in card
 
 
-def test_search_keeps_the_largest_passing_sparsity_and_reports_every_probe(jobs, write_spec):
-    spec = write_spec({"compression": {"search": {"enabled": True, "minSparsity": 0.2, "maxSparsity": 0.99,
-                                                  "maxProbes": 4}},
-                       "gates": {"maxAccuracyDrop": 0.02}})
-    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
-    probes = metrics["probes"]
-    assert 2 <= len(probes) <= 4
-    assert probes[0]["sparsity"] == 0.99 and probes[1]["sparsity"] == 0.2
-    passing = [p["sparsity"] for p in probes if p["gates"]["passed"]]
-    assert passing, "the bottom of the range should pass with a 2-point budget"
-    assert manifest["search"]["passed"] is True
-    assert manifest["search"]["chosenSparsity"] == max(passing)
-    assert metrics["sparsity"] == pytest.approx(max(passing), abs=0.01)
-    for p in probes:  # each probe's verdict follows from its own metrics
-        drop = metrics["baseline"]["metrics"]["accuracy"] - p["metrics"]["accuracy"]
-        assert p["gates"]["passed"] == (drop <= 0.02 + 1e-9)
-
-
-def test_search_with_no_passing_sparsity_returns_the_best_candidate_marked_failing(jobs, write_spec):
-    spec = write_spec({"compression": {"search": {"enabled": True, "minSparsity": 0.5, "maxSparsity": 0.9,
-                                                  "maxProbes": 3}},
-                       "gates": {"minAccuracy": 1.0}})
-    candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
-    assert manifest["search"]["passed"] is False
-    assert "no probed sparsity" in manifest["search"]["reason"] and "minAccuracy" in manifest["search"]["reason"]
-    assert manifest["search"]["chosenSparsity"] in [p["sparsity"] for p in metrics["probes"]]
-    assert metrics["gates"]["passed"] is False
+# The accuracy-aware search (validation probes, eval confirmation, fallback): tests/jobs/test_search.py
 
 
 def test_baseline_is_exported_once_per_source_digest(jobs, write_spec):
@@ -208,17 +182,31 @@ def test_baseline_is_exported_once_per_source_digest(jobs, write_spec):
 
 
 def test_retrain_fine_tunes_on_the_retrain_data(jobs, write_spec, tmp_path):
+    """A retrained revision is fine-tuned on data.retrain, not re-pruned: on "recent" data whose labels are the
+    opposite of the training data's, the retrained model learns them and the plainly pruned one does not."""
     train = load_dataset("builtin://breast_cancer?split=train")
     path = tmp_path / "recent.npz"
-    np.savez(path, X=train.X[:100], y=train.y[:100])
-    spec = write_spec({"data": {"retrain": f"file://{path}"}})
-    candidate = tmp_path / "retrained"
-    code, err = jobs.prune(spec, candidate, "--retrain", "--revision", "7")
+    X, flipped = train.X[:200], 1 - train.y[:200]
+    np.savez(path, X=X, y=flipped)
+    spec = write_spec({"data": {"retrain": f"file://{path}"},
+                       "compression": {"pruning": {"sparsity": 0.3, "fineTuneEpochs": 10}}})
+    pruned, retrained = tmp_path / "pruned", tmp_path / "retrained"
+    code, err = jobs.prune(spec, pruned)
     assert code == 0, err
-    manifest = verify_artifact(candidate)
+    code, err = jobs.prune(spec, retrained, "--retrain", "--revision", "7")
+    assert code == 0, err
+    manifest = verify_artifact(retrained)
     assert manifest["revision"] == 7 and manifest["data"]["retrain"] is True
-    assert manifest["data"]["train"] == {"uri": f"file://{path}", "sha256": load_dataset(f"file://{path}").digest,
-                                         "rows": 100}
+    assert manifest["data"]["train"]["uri"] == f"file://{path}"
+    # validation is held out of the retrain data, and those rows are not trained on
+    assert manifest["data"]["validation"]["heldOutOf"] == f"file://{path}"
+    assert manifest["data"]["train"]["rows"] + manifest["data"]["validation"]["rows"] == 200
+    assert manifest["achieved"]["fineTuneSeconds"] > 0
+
+    def agreement(folder):
+        return float((ort_predict(folder / "model.onnx", X).argmax(1) == flipped).mean())
+
+    assert agreement(retrained) > agreement(pruned) + 0.25, (agreement(retrained), agreement(pruned))
 
 
 def test_file_model_pt2_is_pruned_structurally(jobs, write_spec, tmp_path):

@@ -17,7 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 DRIFT = {"enabled": True, "detector": "ks", "windowSize": 50, "checkIntervalSeconds": 1, "cooldownSeconds": 0}
 MODELS = {
     "rollback": digits_model("rollback", drift={**DRIFT, "consecutiveWindows": 2, "action": "rollback"}),
-    "retrain": digits_model("retrain", data={"retrain": "builtin://digits?split=train"},
+    # Retraining fine-tunes (1 epoch) on recent data that is not the training split (written by the fixture):
+    # a "retrained" revision that merely re-pruned the same model on the same data would be bit-identical.
+    "retrain": digits_model("retrain", compression={"pruning": {"fineTuneEpochs": 1}},
                             drift={**DRIFT, "consecutiveWindows": 2, "action": "retrain", "maxAutoActions": 1}),
     "steady": digits_model("steady", drift={**DRIFT, "consecutiveWindows": 100, "action": "rollback"}),
 }
@@ -60,9 +62,26 @@ async def traffic(cluster, name: str):
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def models(cluster):
+    from kompressor_jobs.data import load_dataset
+
+    train = load_dataset("builtin://digits?split=train")
+    recent = cluster.workdir / "recent.npz"  # "recent labelled traffic": a different sample of digits
+    pick = np.random.default_rng(1).choice(len(train), 500, replace=False)
+    np.savez(recent, X=train.X[pick], y=train.y[pick])
+    MODELS["retrain"]["spec"]["data"]["retrain"] = recent.as_uri()
     for body in MODELS.values():
         await cluster.create(body)
     return cluster
+
+
+def artifact_manifest(cluster, revision: dict) -> dict:
+    import json
+    import os
+
+    from kompressor.store import resolve_local
+
+    os.environ["KOMPRESSOR_PVC_ROOT"] = cluster.env["KOMPRESSOR_PVC_ROOT"]
+    return json.loads((resolve_local(revision["artifact"]["uri"]) / "manifest.json").read_text())
 
 
 def event_reasons(cluster, name):
@@ -108,8 +127,15 @@ async def test_drift_retrains_a_new_revision_then_pauses_after_max_auto_actions(
         await cluster.wait(lambda: "Retraining" in event_reasons(cluster, "retrain"), 120, "a retrain")
         await cluster.wait(lambda: cluster.status("retrain").get("currentRevision") == 2, 180,
                            "the retrained revision 2 to be served")
-        revision = next(r for r in cluster.status("retrain")["revisions"] if r["revision"] == 2)
+        revisions = {r["revision"]: r for r in cluster.status("retrain")["revisions"]}
+        revision = revisions[2]
         assert revision["reason"] == "retrain"
+        # really retrained: fine-tuned on the retrain data, so a different model from revision 1
+        manifest = artifact_manifest(cluster, revision)
+        assert manifest["data"]["retrain"] is True
+        assert manifest["data"]["train"]["uri"] == MODELS["retrain"]["spec"]["data"]["retrain"]
+        assert manifest["achieved"]["fineTuneSeconds"] > 0
+        assert revision["artifact"]["sha256"] != revisions[1]["artifact"]["sha256"]
         prune = cluster.api.get("batch/v1/jobs", "default", "retrain-r2-g1-prune")
         assert "--retrain" in prune["spec"]["template"]["spec"]["containers"][0]["command"]
         # Still drifting: maxAutoActions 1 is reached, so the operator pauses instead of acting again.

@@ -7,10 +7,7 @@ from __future__ import annotations
 import pytest
 
 from chartkit import find, one, render
-
-permissions = pytest.importorskip("kompressor.k8s.permissions",
-                                  reason="kompressor.k8s.permissions.required_rules() is not written yet")
-resources = pytest.importorskip("kompressor.k8s.resources")
+from kompressor.k8s import permissions, resources  # an import error here must fail these tests, not skip them
 
 # Cluster-scoped in Kubernetes (and Kopf's cluster peering); everything else is namespaced.
 # `bind` on a ClusterRole is checked in the namespace of the RoleBinding being created: namespaced here.

@@ -244,16 +244,26 @@ def test_hot_swap_under_concurrent_load_drops_nothing(artifacts, tmp_path):
                     async with client.post(srv.infer_url(), json=infer_body(x)) as response:
                         results.append((response.status, await response.json()))
 
+            async def served_by(version: str, count: int = 10, timeout: float = 30.0) -> None:
+                """Wait (polling) until ``count`` more answers came from ``version``: traffic flows on it."""
+                start, deadline = len(results), time.monotonic() + timeout
+                while sum(1 for _, body in results[start:] if body.get("model_version") == version) < count:
+                    if time.monotonic() > deadline or any(w.done() for w in workers):
+                        raise AssertionError(f"no traffic answered by version {version}")
+                    await asyncio.sleep(0.01)
+
             workers = [asyncio.create_task(worker()) for _ in range(6)]
             swaps = []
+            current = "1"
             for revision in (2, 1, 2):
-                await asyncio.sleep(0.2)  # let traffic flow on the current revision
+                await served_by(current)  # traffic flows on the current revision before each swap
                 params = {"artifact": str(artifacts[revision])}
                 if revision == 2:
                     params["sha256"] = json.loads((artifacts[2] / "manifest.json").read_text())["files"]["model.onnx"]
                 async with client.post(load_url, json={"parameters": params}) as response:
                     swaps.append((response.status, await response.json()))
-            await asyncio.sleep(0.2)
+                current = str(revision)
+            await served_by(current)
             stop.set()
             await asyncio.gather(*workers)
         return results, swaps

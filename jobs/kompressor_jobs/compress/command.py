@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
+import hashlib
 import os
 import shutil
 import sys
@@ -24,11 +24,9 @@ import numpy as np
 
 from kompressor.api import load_manifests
 from kompressor.api.manifest import CompressedModel
-from kompressor.api.report import Probe
-from kompressor.api.spec import CompressionSpec, GatesSpec
-from kompressor.api.status import Gates, Metrics
+from kompressor.api.spec import CompressionSpec
 from kompressor.api.wire import to_wire
-from kompressor.console import log, progress
+from kompressor.console import log
 from kompressor.errors import UserError
 from kompressor.store import MODEL_FILE, ArtifactError, verify_artifact, write_manifest
 from kompressor_jobs.data import Dataset, load_dataset
@@ -37,7 +35,7 @@ from kompressor_jobs.staging import staged_folder
 if TYPE_CHECKING:  # torch-heavy; imported when the command runs
     from kompressor_jobs.models import SourceModel
 
-PROBES_FILE = "probes.json"
+from kompressor_jobs.compress.search import PROBES_FILE  # noqa: E402,F401  (evaluate reads it)
 PARITY_ROWS = 64
 
 
@@ -76,26 +74,33 @@ class Context:
     device: str
     baseline_dir: Path
     baseline_sha256: str
+    validation: Dataset | None = None  # judges search probes and early stopping; never the eval split
+    validation_info: dict = field(default_factory=dict)  # how it was made, for the manifest (data.validation)
 
 
 def versions() -> dict:
-    import onnx
-    import onnxruntime
-    import sklearn
-    import torch
-    import torch_pruning
+    """Versions of the libraries that made the artifact (torch and Torch-Pruning: None where not installed, as
+    in an ONNX-only image)."""
+    from importlib import metadata
 
     from kompressor import __version__
 
-    return {"kompressor": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "torchPruning": torch_pruning.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__, "scikitLearn": sklearn.__version__}
+    def version(distribution: str) -> str | None:  # read from the installed metadata: imports nothing
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"kompressor": __version__, "python": sys.version.split()[0], "torch": version("torch"),
+            "torchPruning": version("torch-pruning"), "onnx": version("onnx"),
+            "onnxruntime": version("onnxruntime"), "numpy": np.__version__, "scikitLearn": version("scikit-learn")}
 
 
 # --- baseline (revision 0) ---------------------------------------------------------------------
 
-def ensure_baseline(source: SourceModel, cache: Path, parity_batch: np.ndarray) -> tuple[Path, str]:
-    """The uncompressed model as ONNX, exported once per source-model digest. Returns (folder, sha256)."""
+def ensure_baseline(source: SourceModel, cache: Path, parity_batch: dict[str, np.ndarray]) -> tuple[Path, str]:
+    """The uncompressed model as ONNX, exported once per source-model digest (an ONNX source is copied as it
+    is). Returns (folder, sha256)."""
     from kompressor_jobs.compress.export import check_parity, export_onnx
     from kompressor_jobs.runtime import io_signature
 
@@ -112,12 +117,14 @@ def ensure_baseline(source: SourceModel, cache: Path, parity_batch: np.ndarray) 
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{folder.name}."))
     tmp.chmod(0o755)
     try:
-        export_onnx(source.module, source.input_shape, tmp / MODEL_FILE)
-        parity = check_parity(source.module, tmp / MODEL_FILE, parity_batch)
+        if source.onnx_path is not None:  # an ONNX source is its own baseline
+            shutil.copyfile(source.onnx_path, tmp / MODEL_FILE)
+            parity = 0.0
+        else:
+            export_onnx(source.module, source.inputs, tmp / MODEL_FILE, task=source.task, example=parity_batch)
+            parity = check_parity(source.module, tmp / MODEL_FILE, parity_batch)
         write_manifest(tmp, {
-            "revision": 0, "role": "baseline", "createdAt": _now(),
-            "model": {"uri": source.uri, "sha256": source.digest, "inputShape": source.input_shape,
-                      "numClasses": source.num_classes},
+            "revision": 0, "role": "baseline", "createdAt": _now(), "model": model_record(source),
             "parityMaxAbsDiff": parity, **io_signature(tmp / MODEL_FILE), "versions": versions(),
         })
         try:
@@ -135,28 +142,22 @@ def ensure_baseline(source: SourceModel, cache: Path, parity_batch: np.ndarray) 
 # --- one compression ---------------------------------------------------------------------------
 
 def compress(ctx: Context, config: CompressionSpec, sparsity: float, folder: Path) -> Candidate:
-    from kompressor_jobs.compress.export import PARITY_ATOL, PARITY_RTOL, check_parity, export_onnx
-    from kompressor_jobs.compress.pruning import prune_model
+    """One candidate in ``folder``: the float graph (pruned, fine-tuned and exported; an ONNX source's own
+    graph), then quantized as configured."""
     from kompressor_jobs.compress.quantization import quantize
     from kompressor_jobs.runtime import graph_sparsity, run, session
 
     folder.mkdir(parents=True, exist_ok=True)
-    p = config.pruning
-    module = copy.deepcopy(ctx.source.module)
-    result = prune_model(module, p.method, sparsity, p.schedule, p.steps, p.fine_tune_epochs, ctx.train,
-                         ctx.device, ctx.source.input_shape)
-    batch = ctx.eval.X[:PARITY_ROWS]
+    if config.pruning.method == "none":
+        sparsity = 0.0
     fp32 = folder / "fp32.onnx"
-    export_onnx(result.module, ctx.source.input_shape, fp32)
-    parity = check_parity(result.module, fp32, batch)
-    facts = {
-        "method": p.method, "targetSparsity": round(sparsity, 6),
-        "stepSparsities": [round(s, 6) for s in result.step_sparsities],
-        "weightSparsity": round(result.weight_sparsity, 6),
-        "parametersBefore": result.params_before, "parametersAfter": result.params_after,
-        "parityMaxAbsDiff": parity, "parityTolerance": {"atol": PARITY_ATOL, "rtol": PARITY_RTOL, "rows": len(batch)},
-        "fineTuneSeconds": round(result.fine_tune_seconds, 3),
-    }
+    if ctx.source.module is None:
+        facts = _copy_onnx_source(ctx, fp32)
+    else:
+        facts = _prune_and_export(ctx, config, sparsity, fp32)
+    batch = ctx.eval.feed(0, PARITY_ROWS)
+    # True zeros: the float graph's, before int8 rounding adds zeros of its own (evaluate reads this).
+    facts["graphSparsity"] = round(graph_sparsity(fp32)[0], 6)
     if config.quantization.mode == "none":
         os.replace(fp32, folder / MODEL_FILE)
     else:
@@ -167,71 +168,59 @@ def compress(ctx: Context, config: CompressionSpec, sparsity: float, folder: Pat
         facts["quantization"] = {"mode": config.quantization.mode, "top1AgreementWithFp32": float(agree.mean()),
                                  "rows": len(batch)}
         fp32.unlink()
-    facts["graphSparsity"] = round(graph_sparsity(folder / MODEL_FILE)[0], 6)
+        facts["quantizedZeroFraction"] = round(graph_sparsity(folder / MODEL_FILE)[0], 6)  # incl. rounding zeros
     log("compressed", sparsity=round(sparsity, 4), graph_sparsity=facts["graphSparsity"],
-        parameters=f"{result.params_before}->{result.params_after}", parity=f"{parity:.2g}")
-    return Candidate(folder, sparsity, facts, result.fine_tune_seconds)
+        parameters=facts.pop("parametersSummary", "unchanged"), parity=f"{facts['parityMaxAbsDiff']:.2g}")
+    return Candidate(folder, sparsity, facts, facts.get("fineTuneSeconds", 0.0))
 
 
-# --- accuracy-aware search ---------------------------------------------------------------------
+def _copy_onnx_source(ctx: Context, fp32: Path) -> dict:
+    """An ONNX source is not pruned (refused up front): its graph is the float model to quantize."""
+    shutil.copyfile(ctx.source.onnx_path, fp32)
+    return {"method": "none", "targetSparsity": 0.0, "stepSparsities": [], "source": "onnx graph, copied",
+            "parametersBefore": None, "parametersAfter": None, "parityMaxAbsDiff": 0.0, "fineTuneSeconds": 0.0,
+            "structuredSparsity": 0.0}
 
-def search(ctx: Context, config: CompressionSpec, gates: GatesSpec, work: Path) -> tuple[Candidate, list[Probe], dict]:
-    """Bisection over sparsity: probe the top of the range, then the bottom, then halve the interval
-    between the largest passing and the smallest failing sparsity. The largest passing probe wins."""
-    from kompressor_jobs.evaluate.gates import check_gates
-    from kompressor_jobs.evaluate.metrics import QUICK, measure
 
-    s = config.search
-    baseline_model = ctx.baseline_dir / MODEL_FILE
-    baseline = measure(baseline_model, ctx.eval, timing=QUICK)  # measured once, reused by every probe
-    lo, hi = min(s.min_sparsity, s.max_sparsity), max(s.min_sparsity, s.max_sparsity)
-    probes: list[Probe] = []
-    tried: list[tuple[Candidate, Metrics, Gates]] = []
-    best: Candidate | None = None
-    passing_lo, failing_hi = None, None
-    with progress("sparsity search", total=s.max_probes) as bar:
-        for i in range(s.max_probes):
-            if i == 0:
-                sparsity = hi
-            elif i == 1 and lo < hi:
-                sparsity = lo
-            elif passing_lo is None or failing_hi is None:
-                break  # the whole range passed (stopped at i=1) or nothing can pass below the bottom
-            else:
-                sparsity = (passing_lo + failing_hi) / 2
-            sparsity = round(sparsity, 4)
-            if any(abs(c.sparsity - sparsity) < 1e-4 for c, _, _ in tried):
-                break
-            candidate = compress(ctx, config, sparsity, work / f"probe-{i}")
-            metrics = measure(candidate.model, ctx.eval, baseline_size=baseline.size_bytes, timing=QUICK)
-            verdict = check_gates(gates, metrics, baseline)
-            probes.append(Probe(sparsity=sparsity, metrics=metrics, gates=verdict))
-            tried.append((candidate, metrics, verdict))
-            bar.advance(sparsity=sparsity, passed=verdict.passed, accuracy=metrics.accuracy)
-            if verdict.passed:
-                passing_lo = sparsity
-                if best is None or sparsity > best.sparsity:
-                    best = candidate
-                if i == 0:
-                    break  # the top of the range passes: nothing larger to find
-            else:
-                failing_hi = sparsity if failing_hi is None else min(failing_hi, sparsity)
-                if i == 1:
-                    break  # even the bottom of the range fails
-    summary = {"range": [lo, hi], "maxProbes": s.max_probes, "probes": len(probes)}
-    if best is not None:
-        summary.update(passed=True, chosenSparsity=best.sparsity)
-        return best, probes, summary
-    # Nothing passed: keep the candidate that failed the fewest gates (then the most accurate), flagged.
-    candidate, metrics, verdict = max(
-        tried, key=lambda t: (sum(r.outcome == "Successful" for r in t[2].results), t[1].accuracy or 0.0))
-    failed = [f"{r.gate}: {r.message}" for r in verdict.results if r.outcome != "Successful"]
-    summary.update(passed=False, chosenSparsity=candidate.sparsity,
-                   reason=f"no probed sparsity in [{lo}, {hi}] passed every gate; best candidate "
-                          f"{candidate.sparsity} fails " + "; ".join(failed))
-    log("sparsity search found no passing candidate", level="warning", reason=summary["reason"])
-    return candidate, probes, summary
+def _prune_and_export(ctx: Context, config: CompressionSpec, sparsity: float, fp32: Path) -> dict:
+    """Prune and fine-tune a copy of the source module, export it to ``fp32`` and check parity; the facts."""
+    from kompressor_jobs.compress.export import PARITY_ATOL, PARITY_RTOL, check_parity, export_onnx
+    from kompressor_jobs.compress.finetune import example_inputs, fine_tuner
+    from kompressor_jobs.compress.pruning import prune_model
 
+    p = config.pruning
+    module = copy.deepcopy(ctx.source.module)
+    tuner = None if p.method == "none" else fine_tuner(config, ctx.source, ctx.train, ctx.validation, ctx.device,
+                                                        task=ctx.resource.spec.model.task)
+    result = prune_model(module, p.method, sparsity, schedule=p.schedule, steps=p.steps, fine_tune=tuner,
+                         example=example_inputs(ctx.train), importance=p.importance)
+    batch = ctx.eval.feed(0, PARITY_ROWS)
+    export_onnx(result.module, ctx.source.inputs, fp32, task=ctx.source.task, example=batch)
+    parity = check_parity(result.module, fp32, batch)
+    facts = {
+        "method": p.method, "targetSparsity": round(sparsity, 6),
+        "stepSparsities": [round(s, 6) for s in result.step_sparsities],
+        "weightSparsity": round(result.weight_sparsity, 6),
+        "parametersBefore": result.params_before, "parametersAfter": result.params_after,
+        "parityMaxAbsDiff": parity, "parityTolerance": {"atol": PARITY_ATOL, "rtol": PARITY_RTOL,
+                                                  "rows": min(PARITY_ROWS, len(ctx.eval))},
+        "fineTuneSeconds": round(result.fine_tune_seconds, 3),
+        # The fraction of parameters removed (structured pruning; 0 for methods that keep every tensor).
+        "structuredSparsity": round(result.structured_sparsity, 6),
+        "fineTuning": [{k: v for k, v in r.items() if k != "history"} for r in result.fine_tuning],
+    }
+    if p.method == "structured":
+        facts["importance"] = p.importance
+        if result.attention:
+            facts["attention"] = result.attention
+    if tuner is not None:
+        facts["distillation"] = {"enabled": tuner.distil, "alpha": tuner.alpha,
+                                 "temperature": tuner.config.temperature}
+    facts["parametersSummary"] = f"{result.params_before}->{result.params_after}"
+    return facts
+
+
+# --- accuracy-aware search: compress/search.py (judged on the validation split) ---------------------
 
 # --- the command -------------------------------------------------------------------------------
 
@@ -247,35 +236,44 @@ def main(args: argparse.Namespace) -> int:
         raise UserError("--retrain: spec.data.retrain is not set, so there is no retraining data")
     train_uri = spec.data.retrain if args.retrain else spec.data.train
 
-    from kompressor_jobs.models import load_source
+    from kompressor_jobs.models import load_model
 
-    source = load_source(spec.model.uri, spec.model.input_shape)
-    train = load_dataset(train_uri, source.input_shape, source.num_classes)
-    evaluation = load_dataset(spec.data.eval, source.input_shape, source.num_classes)
+    source = load_model(spec.model)
+    check_source_can_be_compressed(source, spec.compression)
+
+    def load(uri: str) -> Dataset:
+        return load_dataset(uri, source.inputs, source.task, source.num_classes)
+
+    train = load(train_uri)
+    evaluation = load(spec.data.eval)
     if len(train) == 0 or len(evaluation) == 0:
         raise UserError("the training and eval datasets must not be empty")
+    train, validation, validation_info = resolve_validation(spec.data, train, load)
     log("prune started", resource=resource.key, model=source.uri, device=device, train=train_uri,
-        train_rows=len(train), eval_rows=len(evaluation))
+        train_rows=len(train), validation_rows=len(validation), eval_rows=len(evaluation))
 
     baseline_cache = Path(args.baseline_cache) if args.baseline_cache else cache_root() / "baselines"
-    baseline_dir, baseline_sha = ensure_baseline(source, baseline_cache.absolute(), evaluation.X[:PARITY_ROWS])
-    ctx = Context(resource, source, train, evaluation, device, baseline_dir, baseline_sha)
+    baseline_dir, baseline_sha = ensure_baseline(source, baseline_cache.absolute(), evaluation.feed(0, PARITY_ROWS))
+    ctx = Context(resource, source, train, evaluation, device, baseline_dir, baseline_sha, validation,
+                  validation_info)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.work-"))
     try:
         with staged_folder(out) as staging:
             config = spec.compression
-            search_summary, probes = None, []
+            search_summary = None
             if config.search.enabled:
-                candidate, probes, search_summary = search(ctx, config, spec.gates, work)
+                from kompressor_jobs.compress.search import search, write_outputs
+
+                found = search(ctx, config, spec.gates, work, compress, ctx.validation)
+                candidate, search_summary = found.chosen, found.summary
+                write_outputs(staging, found, lambda folder, alt: _write_candidate_manifest(
+                    folder, args, ctx, train_uri, alt, {**found.summary, "alternate": True}, hardware(device),
+                    time.perf_counter() - started))
             else:
                 candidate = compress(ctx, config, config.pruning.sparsity, work / "candidate")
             shutil.copy2(candidate.model, staging / MODEL_FILE)
-            if probes:
-                (staging / PROBES_FILE).write_text(json.dumps(
-                    [{"sparsity": p.sparsity, "metrics": to_wire(p.metrics), "gates": to_wire(p.gates)}
-                     for p in probes], indent=2))
             _write_candidate_manifest(staging, args, ctx, train_uri, candidate, search_summary, hardware(device),
                                       time.perf_counter() - started)
     finally:
@@ -292,10 +290,11 @@ def _write_candidate_manifest(folder: Path, args, ctx: Context, train_uri: str, 
     manifest = {
         "revision": args.revision, "role": "candidate", "createdAt": _now(),
         "resource": ctx.resource.key, "generation": ctx.resource.generation,
-        "model": {"uri": ctx.source.uri, "sha256": ctx.source.digest, "inputShape": ctx.source.input_shape,
-                  "numClasses": ctx.source.num_classes},
+        "model": model_record(ctx.source),
         "data": {"train": {"uri": train_uri, "sha256": ctx.train.digest, "rows": len(ctx.train)},
-                 "eval": {"uri": spec.data.eval, "sha256": ctx.eval.digest, "rows": len(ctx.eval)},
+                 "validation": ctx.validation_info,
+                 "eval": {"uri": spec.data.eval, "sha256": ctx.eval.digest, "rows": len(ctx.eval),
+                          "usedFor": "the gates only (the evaluate Job)"},
                  "retrain": bool(args.retrain)},
         "compression": to_wire(spec.compression),
         "achieved": candidate.facts,
@@ -306,6 +305,52 @@ def _write_candidate_manifest(folder: Path, args, ctx: Context, train_uri: str, 
     if search_summary is not None:
         manifest["search"] = search_summary
     write_manifest(folder, manifest)
+
+
+def model_record(source: SourceModel) -> dict:
+    """What the manifests say about the source model (evaluate and serving read inputs, task and outputDim)."""
+    record = {"uri": source.uri, "sha256": source.digest, "format": source.format, "task": source.task,
+              "kind": source.kind, "inputs": source.inputs_wire(), "outputDim": source.output_dim,
+              "numClasses": source.num_classes}
+    if len(source.inputs) == 1 and source.inputs[0].dtype == "float32":
+        record["inputShape"] = list(source.inputs[0].shape)
+    return record
+
+
+def check_source_can_be_compressed(source: SourceModel, compression: CompressionSpec) -> None:
+    """An ONNX source can be quantized, not pruned (nor searched over sparsity): refused before anything runs."""
+    if source.module is not None:
+        return
+    from kompressor_jobs.models.onnx_source import PRUNING_REFUSED
+
+    if compression.pruning.method != "none":
+        raise UserError(f"{source.uri}: compression.pruning.method is {compression.pruning.method}, but "
+                        + PRUNING_REFUSED)
+    if compression.search.enabled:
+        raise UserError(f"{source.uri}: compression.search searches over pruning sparsity, but " + PRUNING_REFUSED)
+
+
+def resolve_validation(data_spec, train: Dataset, load) -> tuple[Dataset, Dataset, dict]:
+    """(train, validation, manifest record): spec.data.validation when set, else a seeded, stratified
+    validationFraction of train held out (those rows are then not trained on). ``load(uri)`` loads a dataset
+    the way the training data was loaded."""
+    from kompressor.api import defaults as d
+    from kompressor_jobs.data import split_validation
+
+    used = "search probes, early stopping and the INT8 fidelity check"
+    if data_spec.validation:
+        validation = load(data_spec.validation)
+        if len(validation) == 0:
+            raise UserError(f"{data_spec.validation}: the validation dataset is empty")
+        return train, validation, {"uri": data_spec.validation, "sha256": validation.digest,
+                                   "rows": len(validation), "usedFor": used}
+    fraction, seed = data_spec.validation_fraction, d.VALIDATION_SEED
+    rest, validation = split_validation(train, fraction, seed)
+    return rest, validation, {
+        "heldOutOf": train.uri, "fraction": fraction, "seed": seed, "rows": len(validation),
+        "stratified": validation.y is not None and validation.y.ndim == 1 and validation.y.dtype.kind in "iu",
+        "sha256": validation.digest, "digestOf": "sha256(train sha256 + ':' + the held-out row indices, int64)",
+        "usedFor": used, "note": "these rows of the training data were held out: not trained on"}
 
 
 def _now() -> str:

@@ -56,19 +56,20 @@ class SearchResult:
 
 
 def plan_grid(lo: float, hi: float, max_probes: int) -> list[float]:
-    """The coarse grid, from the top of the range down: about half the probe budget (at least the two
-    ends when the budget allows), the rest is kept for refinement."""
+    """The coarse grid, evenly spaced from the top of the range down to its bottom: the probe budget less two
+    (at least the two ends), the two kept to refine the cell above the grid's first pass."""
     if max_probes <= 1 or hi - lo < 1e-4:
         return [round(hi, 4)]
-    size = max(2, (max_probes + 1) // 2)
+    size = max(2, max_probes - 2)
     step = (hi - lo) / (size - 1)
     return [round(hi - i * step, 4) for i in range(size)]
 
 
-def next_probe(lo: float, hi: float, runs: list[ProbeRun]) -> float | None:
-    """The next sparsity to try after the grid, or None when nothing new is left to learn."""
-    tried = sorted({r.sparsity for r in runs})
-    passing = [r.sparsity for r in runs if r.passed]
+def next_probe(lo: float, hi: float, results: list[tuple[float, bool]]) -> float | None:
+    """The next sparsity to try after the grid, given every (sparsity, passed) so far; None when nothing new
+    is left to learn."""
+    tried = sorted({s for s, _ in results})
+    passing = [s for s, ok in results if ok]
     if passing:
         best = max(passing)
         above = [s for s in tried if s > best]
@@ -87,6 +88,26 @@ def next_probe(lo: float, hi: float, runs: list[ProbeRun]) -> float | None:
     return candidate
 
 
+def explore(lo: float, hi: float, max_probes: int, passes: Callable[[float], bool]) -> list[tuple[float, bool]]:
+    """The probing strategy alone: calls ``passes(sparsity)`` at most ``max_probes`` times, never twice for one
+    sparsity, and returns every (sparsity, passed) in the order tried. The grid runs from the top down and stops
+    at its first pass; the rest of the budget refines above that pass (or fills the widest gaps when nothing on
+    the grid passed)."""
+    tried: list[tuple[float, bool]] = []
+    for sparsity in plan_grid(lo, hi, max_probes):
+        if len(tried) >= max_probes:
+            break
+        tried.append((sparsity, passes(sparsity)))
+        if tried[-1][1]:
+            break  # every sparser grid point failed: refine between this one and the failed one above
+    while len(tried) < max_probes:
+        sparsity = next_probe(lo, hi, tried)
+        if sparsity is None:
+            break
+        tried.append((sparsity, passes(sparsity)))
+    return tried
+
+
 def search(ctx, config: CompressionSpec, gates: GatesSpec, work: Path,
            compress: Callable[[Any, CompressionSpec, float, Path], Any], validation) -> SearchResult:
     """Probe sparsities with ``compress(ctx, config, sparsity, folder)``; judge each on ``validation``."""
@@ -96,7 +117,6 @@ def search(ctx, config: CompressionSpec, gates: GatesSpec, work: Path,
     s = config.search
     lo, hi = min(s.min_sparsity, s.max_sparsity), max(s.min_sparsity, s.max_sparsity)
     baseline = measure(ctx.baseline_dir / MODEL_FILE, validation, timing=QUICK)  # once, reused by every probe
-    grid = plan_grid(lo, hi, s.max_probes)
     runs: list[ProbeRun] = []
 
     def probe(sparsity: float) -> ProbeRun:
@@ -109,21 +129,12 @@ def search(ctx, config: CompressionSpec, gates: GatesSpec, work: Path,
         return run
 
     with progress("sparsity search (judged on validation)", total=s.max_probes) as bar:
-        for sparsity in grid:
-            if len(runs) >= s.max_probes:
-                break
-            if probe(sparsity).passed:
-                break  # every sparser grid point failed: refine between this one and the failed one above
-        while len(runs) < s.max_probes:
-            sparsity = next_probe(lo, hi, runs)
-            if sparsity is None:
-                break
-            probe(sparsity)
+        explore(lo, hi, s.max_probes, lambda sparsity: probe(sparsity).passed)
 
     passing = sorted((r for r in runs if r.passed), key=lambda r: (-r.sparsity, r.index))
     summary: dict[str, Any] = {
         "judgedOn": "validation", "range": [lo, hi], "maxProbes": s.max_probes, "probes": len(runs),
-        "grid": grid, "passingSparsities": [r.sparsity for r in passing],
+        "grid": plan_grid(lo, hi, s.max_probes), "passingSparsities": [r.sparsity for r in passing],
         "monotone": _monotone(runs),
     }
     if passing:
@@ -133,14 +144,14 @@ def search(ctx, config: CompressionSpec, gates: GatesSpec, work: Path,
             alternates=[r.sparsity for r in alternates], probes=len(runs))
         return SearchResult(chosen.candidate, runs, summary, alternates)
     # Nothing passed: keep the probe that failed the fewest gates (then the most accurate), flagged.
-    worst = max(runs, key=lambda r: (sum(g.outcome == "Successful" for g in r.gates.results),
+    least_bad = max(runs, key=lambda r: (sum(g.outcome == "Successful" for g in r.gates.results),
                                      r.metrics.accuracy or 0.0, r.sparsity))
-    failed = [f"{g.gate}: {g.message}" for g in worst.gates.results if g.outcome != "Successful"]
-    summary.update(passed=False, chosenSparsity=worst.sparsity,
+    failed = [f"{g.gate}: {g.message}" for g in least_bad.gates.results if g.outcome != "Successful"]
+    summary.update(passed=False, chosenSparsity=least_bad.sparsity,
                    reason=f"no probed sparsity in [{lo}, {hi}] passed every gate on validation; best candidate "
-                          f"{worst.sparsity} fails " + "; ".join(failed))
+                          f"{least_bad.sparsity} fails " + "; ".join(failed))
     log("sparsity search found no passing candidate", level="warning", reason=summary["reason"])
-    return SearchResult(worst.candidate, runs, summary, [])
+    return SearchResult(least_bad.candidate, runs, summary, [])
 
 
 def _monotone(runs: list[ProbeRun]) -> bool:
@@ -196,3 +207,40 @@ def fallbacks(folder: Path) -> list[tuple[float, Path]]:
             continue  # never follow a path out of the artifact
         out.append((r["sparsity"], path))
     return out
+
+
+def confirm_on_eval(candidate_dir: Path, manifest: dict, metrics: Metrics, gates: Gates, artifact,
+                    measure: Callable[[Path], Metrics], judge: Callable[[Metrics], Gates]):
+    """The evaluate Job's half of the search: ``metrics``/``gates`` are the kept candidate's, measured on
+    eval. When eval disagrees with validation (the candidate passed there and fails here), the next passing
+    probe is measured on eval, and so on, until one passes or none is left. Returns
+    ``(metrics, gates, artifact, manifest, report)`` of the candidate to record; ``report`` says how many
+    probes touched the eval data and which disagreed."""
+    from kompressor.api.status import Artifact
+    from kompressor.store import verify_artifact
+
+    searched = manifest.get("search") or {}
+    chosen = searched.get("chosenSparsity")
+    report: dict[str, Any] = {"validationChoice": chosen, "passedOnValidation": bool(searched.get("passed")),
+                              "probesOnEval": 1, "evalDisagreed": [], "chosenSparsity": chosen,
+                              "fellBack": False}
+    if gates.passed or not searched.get("passed"):
+        return metrics, gates, artifact, manifest, report
+    report["evalDisagreed"].append(chosen)
+    log("eval disagrees with validation on the search's choice", level="warning", sparsity=chosen,
+        failed=[g.gate for g in gates.results if g.outcome != "Successful"])
+    for sparsity, folder in fallbacks(candidate_dir):
+        alt_manifest = verify_artifact(folder)
+        alt_metrics = measure(folder)
+        alt_gates = judge(alt_metrics)
+        report["probesOnEval"] += 1
+        if alt_gates.passed:
+            report.update(chosenSparsity=sparsity, fellBack=True, artifact=str(folder.relative_to(candidate_dir)))
+            log("the next passing probe passes on eval", sparsity=sparsity, probes_on_eval=report["probesOnEval"])
+            return (alt_metrics, alt_gates, Artifact(uri=folder.as_uri(), sha256=alt_manifest["files"][MODEL_FILE]),
+                    alt_manifest, report)
+        report["evalDisagreed"].append(sparsity)
+        log("eval disagrees with validation on a fallback probe too", level="warning", sparsity=sparsity)
+    report["message"] = (f"every probe that passed on validation ({', '.join(map(str, report['evalDisagreed']))}) "
+                         "failed on eval")
+    return metrics, gates, artifact, manifest, report

@@ -23,6 +23,9 @@ SEED = 0
 PROJECT_ABOVE = 64
 PROJECTED_DIMS = 32
 PERMUTATIONS = 100  # permutation-test size of the window-mode MMD and LSDD
+# The fewest rows a window-mode test is run on (the API's smallest windowSize): a partial window tested for
+# its age (spec.drift.maxWindowAgeSeconds) with fewer rows is Inconclusive.
+MIN_WINDOW_ROWS = 10
 
 
 @dataclass
@@ -104,10 +107,17 @@ class WindowDetector(Detector):
         self._p_val, self._correction, self._univariate = p_val, correction, univariate
 
     def check(self, rows: np.ndarray) -> Check:
+        """Tests the newest ``window_size`` of ``rows`` (Inconclusive when fewer)."""
         n = 0 if rows is None else len(rows)
         if n < self.rows_needed:
             return Check("Inconclusive", samples=n)
-        window = rows[-self.rows_needed:]
+        return self.test(rows[-self.rows_needed:])
+
+    def test(self, window: np.ndarray) -> Check:
+        """Tests exactly these rows: a full window, or a partial one (``maxWindowAgeSeconds``), which is
+        Inconclusive below ``MIN_WINDOW_ROWS``."""
+        if window is None or len(window) < MIN_WINDOW_ROWS:
+            return Check("Inconclusive", samples=0 if window is None else len(window))
         _seed()
         data = self._cd.predict(window, return_p_val=True, return_distance=True)["data"]
         outcome = "Drift" if int(data["is_drift"]) else "NoDrift"

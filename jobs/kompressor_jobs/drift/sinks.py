@@ -18,9 +18,17 @@ from kompressor.errors import UserError
 K8S_PREFIX = "k8s://"
 
 
+def history_path(verdict: Path) -> Path:
+    """Where a file sink also appends every verdict, one JSON line each: ``verdict.json`` ->
+    ``verdict.history.jsonl`` (the report's p-value plot: one point per window, even when several
+    windows were tested between two reads of the verdict file)."""
+    return verdict.with_name(f"{verdict.stem}.history.jsonl")
+
+
 class FileSink:
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.history = history_path(self.path)
 
     def __str__(self) -> str:
         return str(self.path)
@@ -36,8 +44,11 @@ class FileSink:
     def write(self, verdict: DriftVerdict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(to_wire(verdict), indent=2, sort_keys=True))
+        wire = to_wire(verdict)
+        tmp.write_text(json.dumps(wire, indent=2, sort_keys=True))
         os.replace(tmp, self.path)
+        with open(self.history, "a") as fh:
+            fh.write(json.dumps(wire, sort_keys=True) + "\n")
 
 
 class KubernetesSink:

@@ -1,4 +1,17 @@
-"""The watch loop: read captured rows, check them, count drifting checks, hand verdicts to a sink."""
+"""The watch loop: read captured rows, test them, count drifting windows, hand verdicts to a sink.
+
+Window mode consumes the capture of the watched revision in disjoint windows of ``windowSize`` rows, in
+order: each row is tested once, a burst of 2 x windowSize rows is two windows (two verdicts), and a partial
+window waits until it fills (or, with ``maxWindowAgeSeconds``, is tested once its oldest row is that old,
+marked with its size). Only rows captured since the revision (re)started serving count (the capture's
+newest serving stint of the revision: see capture.py); an older stint's rows are never tested.
+
+Where it stands survives restarts: the verdict the sink holds says which rows it tested (``lastSequence``),
+how many drifting windows in a row (``consecutive``) and since which stint (``servingSinceSequence``); the
+``--state`` folder keeps the same after every verdict written. A restarted watcher goes on from the newer of
+the two: no row is tested twice or skipped, and the count is neither reset nor inflated. Online mode feeds
+every new row of the stint to an Alibi Detect online detector whose state is saved in ``--state``.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,6 +34,7 @@ from kompressor_jobs.drift.detectors import Check, Detector, OnlineDetector, bui
 
 POSITION_FILE = "position.json"
 DETECTOR_STATE = "detector"
+WINDOW_STATE = "window-r{revision}.json"  # window mode's place, one file per revision
 
 
 def pick_model(spec_path: str, verdict_target: str) -> CompressedModel:
@@ -42,44 +56,121 @@ def reference_rows(cm: CompressedModel, uri: str | None) -> tuple[np.ndarray, st
     return data.X.reshape(len(data.X), -1).astype(np.float32), uri
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
 def next_verdict(check: Check, previous: DriftVerdict | None, revision: int | None, detector: str) -> DriftVerdict:
-    """The verdict for ``check``; ``consecutive`` continues the previous verdict's count when that one was
-    about the same revision, and restarts at 0 on any check that is not Drift."""
+    """The verdict for ``check`` (online mode and ``--once`` without a window); ``consecutive`` continues the
+    previous verdict's count when that one was about the same revision, and restarts at 0 on any check that
+    is not Drift."""
     carried = previous.consecutive if previous is not None and previous.revision == revision else 0
     return DriftVerdict(
         is_drift=check.is_drift, outcome=check.outcome, p_value=check.p_value, distance=check.distance,
         threshold=check.threshold, samples=check.samples, consecutive=carried + 1 if check.is_drift else 0,
-        checked_at=datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        revision=revision, detector=detector, feature_p_values=check.feature_p_values,
+        checked_at=_now(), revision=revision, detector=detector, feature_p_values=check.feature_p_values,
     )
+
+
+@dataclass
+class Window:
+    """Rows to test: their values, and the capture sequences of the first and last of them."""
+
+    values: np.ndarray
+    first: int
+    last: int
+
+
+@dataclass
+class WindowState:
+    """Where window mode stands in the capture of one revision's serving stint."""
+
+    revision: int | None
+    stint: int  # capture sequence where the stint starts
+    next_row: int  # the first capture sequence not tested yet
+    consecutive: int = 0  # drifting windows in a row
+    windows: int = 0  # windows tested in this stint
+    dropped: int = 0  # rows of this stint the size cap deleted unread
+    pending_since: float | None = None  # wall-clock time a partial window was first seen (maxWindowAgeSeconds)
 
 
 class Watcher:
     def __init__(self, detector: Detector, capture_dir: str | Path, revision: int | None,
-                 state_dir: str | Path | None = None, n_features: int | None = None):
+                 state_dir: str | Path | None = None, n_features: int | None = None,
+                 max_window_age_seconds: float | None = None, signal: str = capture.SIGNAL_INPUTS,
+                 transform=None, signal_name: str | None = None):
         self.detector = detector
         self.n_features = n_features
         self.capture_dir = Path(capture_dir)
         self.revision = revision
         self.state_dir = Path(state_dir) if state_dir else None
+        self.max_window_age = max_window_age_seconds
+        self.signal = signal  # what read_rows reads: inputs, or outputs (outputs and embeddings)
+        self.signal_name = signal_name or signal  # what the verdict names
+        self.transform = transform  # captured values -> what the detector tests (e.g. outputs -> classes)
         self.position = capture.Position()
+        self.stint = capture.serving_start(self.capture_dir, revision)
+        self.window: WindowState | None = None
+        self.pending_rows = 0  # rows waiting for their window to fill
         self._mark: tuple | None = None
-        if isinstance(detector, OnlineDetector) and self.state_dir:
-            self._resume()
+        if isinstance(detector, OnlineDetector):
+            self.position = self._stint_position()
+            if self.state_dir:
+                self._resume()
+
+    @property
+    def online(self) -> bool:
+        return isinstance(self.detector, OnlineDetector)
+
+    # -- online mode ---------------------------------------------------------------------------------
+
+    def _stint_position(self) -> capture.Position:
+        """Online mode reads from the segment where the stint starts."""
+        for seg, first in capture._numbered(capture.list_segments(self.capture_dir)):
+            if first >= self.stint and (self.revision is None or seg.revision == self.revision):
+                return capture.Position(seg.seq, 0)
+        return capture.Position()
 
     def _resume(self) -> None:
         folder = self.state_dir / DETECTOR_STATE
         saved = _read_json(folder / POSITION_FILE)
-        if not saved or saved.get("revision") != self.revision:
-            return  # nothing saved, or a new revision: a new stream
+        if not saved or saved.get("revision") != self.revision or saved.get("stint", 0) != self.stint:
+            return  # nothing saved, or a new revision or serving stint: a new stream
         if self.detector.load_state(folder):
             self.position = capture.Position(int(saved["seq"]), int(saved["records"]))
             log("online detector resumed", t=self.detector.t, seq=self.position.seq, records=self.position.records)
 
+    def check(self) -> Check:
+        """Online mode: feed every row captured since the last call."""
+        rows, self.position = capture.read_since(self.capture_dir, self.position, self.revision)
+        if rows is not None and self.transform is not None:
+            rows = self.transform(rows)
+        self._check_width(rows)
+        found = self.detector.check(rows)
+        if self.state_dir:
+            self._save_state()
+        return found
+
+    def _save_state(self) -> None:
+        """Detector state and capture position together, in a new folder swapped in by renames, so a crash
+        leaves either the old pair or the new one."""
+        target = self.state_dir / DETECTOR_STATE
+        fresh, stale = self.state_dir / f".{DETECTOR_STATE}.new", self.state_dir / f".{DETECTOR_STATE}.old"
+        for leftover in (fresh, stale):
+            shutil.rmtree(leftover, ignore_errors=True)
+        fresh.mkdir(parents=True)
+        self.detector.save_state(fresh)
+        _write_json(fresh / POSITION_FILE, {**asdict(self.position), "revision": self.revision, "stint": self.stint})
+        if target.exists():
+            os.replace(target, stale)
+        os.replace(fresh, target)
+        shutil.rmtree(stale, ignore_errors=True)
+
+    # -- both ----------------------------------------------------------------------------------------
+
     def has_new_rows(self) -> bool:
         """Whether anything was captured since the last call (cheap: newest segment and its size)."""
-        segments = [seg for seg in capture.list_segments(self.capture_dir)
-                    if self.revision is None or seg.revision == self.revision]
+        segments = capture.list_segments(self.capture_dir)
         try:
             mark = (segments[-1].seq, segments[-1].path.stat().st_size) if segments else None
         except FileNotFoundError:  # dropped by the size cap just now
@@ -91,37 +182,134 @@ class Watcher:
         """Make the next has_new_rows() answer True (re-check after a failed write)."""
         self._mark = None
 
-    def check(self) -> Check:
-        if isinstance(self.detector, OnlineDetector):
-            rows, self.position = capture.read_since(self.capture_dir, self.position, self.revision)
-            self._check_width(rows)
-            found = self.detector.check(rows)
-            if self.state_dir:
-                self._save_state()
-            return found
-        rows = capture.read_newest(self.capture_dir, self.detector.rows_needed, self.revision)
-        self._check_width(rows)
-        return self.detector.check(rows)
-
     def _check_width(self, rows: np.ndarray | None) -> None:
         if rows is not None and self.n_features is not None and rows.shape[1] != self.n_features:
-            raise UserError(f"{self.capture_dir}: captured rows have {rows.shape[1]} features, the reference "
+            what = "rows" if self.signal == capture.SIGNAL_INPUTS else f"{self.signal_name}"
+            raise UserError(f"{self.capture_dir}: captured {what} have {rows.shape[1]} features, the reference "
                             f"data has {self.n_features}; is --reference the data this model is served on?")
 
-    def _save_state(self) -> None:
-        """Detector state and capture position together, in a new folder swapped in by renames, so a crash
-        leaves either the old pair or the new one."""
-        target = self.state_dir / DETECTOR_STATE
-        fresh, stale = self.state_dir / f".{DETECTOR_STATE}.new", self.state_dir / f".{DETECTOR_STATE}.old"
-        for leftover in (fresh, stale):
-            shutil.rmtree(leftover, ignore_errors=True)
-        fresh.mkdir(parents=True)
-        self.detector.save_state(fresh)
-        _write_json(fresh / POSITION_FILE, {**asdict(self.position), "revision": self.revision})
-        if target.exists():
-            os.replace(target, stale)
-        os.replace(fresh, target)
-        shutil.rmtree(stale, ignore_errors=True)
+    # -- window mode ---------------------------------------------------------------------------------
+
+    def resume(self, previous: DriftVerdict | None) -> WindowState:
+        """Window mode's starting point: the stint's first row, or after the last window the sink's verdict
+        or the saved state tested in this stint, whichever is newer."""
+        state = WindowState(self.revision, self.stint, self.stint)
+        if (previous is not None and previous.revision == self.revision and previous.last_sequence is not None
+                and (previous.serving_since_sequence or 0) == self.stint and previous.last_sequence >= self.stint):
+            state = WindowState(self.revision, self.stint, previous.last_sequence + 1, previous.consecutive,
+                                previous.windows or 0, previous.dropped_rows or 0)
+        saved = _read_json(self._window_file) if self.state_dir else None
+        if saved and saved.get("revision") == self.revision and saved.get("stint") == self.stint:
+            try:
+                on_disk = WindowState(**saved)
+            except TypeError:
+                on_disk = None
+            if on_disk is not None and on_disk.next_row >= state.next_row:
+                state = on_disk
+        if state.next_row > self.stint:
+            log("drift watcher resumed", revision=self.revision, next_row=state.next_row,
+                consecutive=state.consecutive, windows=state.windows)
+        self.window = state
+        return state
+
+    @property
+    def _window_file(self) -> Path:
+        return self.state_dir / WINDOW_STATE.format(revision=self.revision)
+
+    def _new_stint(self) -> bool:
+        """The revision started serving again (a rollback back to it) while this watcher ran: start over."""
+        stint = capture.serving_start(self.capture_dir, self.revision)
+        if stint == self.stint:
+            return False
+        log("serving stint changed: testing only rows served since", revision=self.revision, since=stint)
+        self.stint = stint
+        self.window = WindowState(self.revision, stint, stint)
+        return True
+
+    def windows(self, now: float | None = None) -> list[Window]:
+        """The windows ready to test, in order (not yet consumed: ``commit`` each after its verdict is
+        written): every full window, then a partial one once it is ``maxWindowAgeSeconds`` old."""
+        now = time.time() if now is None else now
+        if self.window is None:
+            self.resume(None)
+        self._new_stint()
+        st, size = self.window, self.detector.rows_needed
+        got = capture.read_rows(self.capture_dir, self.revision, st.next_row, self.signal)
+        if got.dropped:  # deleted by the size cap before they were read: counted, then skipped
+            st.dropped += got.dropped
+            st.next_row += got.dropped
+            log("capture rows dropped before the drift watcher read them", level="warning", rows=got.dropped,
+                revision=self.revision)
+        self.pending_rows = len(got)
+        if not len(got):
+            st.pending_since = None
+            return []
+        values = got.values if self.transform is None else self.transform(got.values)
+        self._check_width(values)
+        out = [Window(values[k:k + size], int(got.sequences[k]), int(got.sequences[k + size - 1]))
+               for k in range(0, len(got) - size + 1, size)]
+        rest = len(got) - len(out) * size
+        self.pending_rows = rest
+        if rest:
+            if st.pending_since is None or out:
+                st.pending_since = now
+            aged = self.max_window_age is not None and now - st.pending_since >= self.max_window_age
+            if aged:
+                k = len(out) * size
+                out.append(Window(values[k:], int(got.sequences[k]), int(got.sequences[-1])))
+        else:
+            st.pending_since = None
+        return out
+
+    def partial_due(self, now: float | None = None) -> bool:
+        """A partial window has waited ``maxWindowAgeSeconds``."""
+        st = self.window
+        if st is None or st.pending_since is None or self.max_window_age is None:
+            return False
+        return (time.time() if now is None else now) - st.pending_since >= self.max_window_age
+
+    def verdict(self, window: Window) -> DriftVerdict:
+        """The verdict on one window, counting on from the windows before it (not yet committed)."""
+        st = self.window
+        check = self.detector.test(window.values)
+        if check.is_drift:
+            consecutive = st.consecutive + 1
+        elif check.outcome == "Inconclusive":
+            consecutive = st.consecutive  # too few rows to say: no evidence either way
+        else:
+            consecutive = 0
+        return DriftVerdict(
+            is_drift=check.is_drift, outcome=check.outcome, p_value=check.p_value, distance=check.distance,
+            threshold=check.threshold, samples=check.samples, consecutive=consecutive, checked_at=_now(),
+            revision=self.revision, detector=self.detector.name, feature_p_values=check.feature_p_values,
+            signal=self.signal_name, first_sequence=window.first, last_sequence=window.last,
+            windows=st.windows + 1, serving_since_sequence=self.stint, dropped_rows=st.dropped)
+
+    def commit(self, window: Window, verdict: DriftVerdict) -> None:
+        """The verdict on ``window`` was written: move past it and save where the watcher stands."""
+        st = self.window
+        st.next_row = window.last + 1
+        st.consecutive, st.windows = verdict.consecutive, verdict.windows
+        if window.values is not None and len(window.values) < self.detector.rows_needed:
+            st.pending_since = None
+        if self.state_dir:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            _write_json(self._window_file, asdict(st))
+
+    def has_verdict(self, previous: DriftVerdict | None) -> bool:
+        """Whether ``previous`` is a verdict on a window of this revision's current stint."""
+        return (previous is not None and previous.revision == self.revision and previous.first_sequence is not None
+                and (previous.serving_since_sequence or 0) == self.stint)
+
+    def waiting(self) -> DriftVerdict:
+        """``--once`` without a full window: Inconclusive, ``samples`` the rows waiting for the window to fill
+        (not consumed), the count kept, ``lastSequence`` still the last row tested (where to go on from)."""
+        st = self.window
+        return DriftVerdict(is_drift=False, outcome="Inconclusive", samples=self.pending_rows,
+                            consecutive=st.consecutive, checked_at=_now(), revision=self.revision,
+                            detector=self.detector.name, signal=self.signal_name,
+                            last_sequence=st.next_row - 1 if st.next_row > self.stint else None,
+                            windows=st.windows, serving_since_sequence=self.stint, dropped_rows=st.dropped)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -140,36 +328,64 @@ def _write_json(path: Path, data: dict) -> None:
 def run(args) -> int:
     from kompressor_jobs.drift.metrics import DriftMetrics
     from kompressor_jobs.drift.sinks import open_sink
+    from kompressor_jobs.drift.signals import prepare_signal
 
     cm = pick_model(args.spec, args.verdict)
     spec = cm.spec.drift
     sink = open_sink(args.verdict)
-    x_ref, uri = reference_rows(cm, args.reference)
-    log("building drift detector", detector=spec.detector, mode=spec.mode, reference=uri, rows=len(x_ref),
-        features=x_ref.shape[1])
-    detector = build_detector(spec, x_ref)
-    watcher = Watcher(detector, args.capture, args.revision, args.state, n_features=x_ref.shape[1])
+    signal = prepare_signal(cm, args)
+    log("building drift detector", detector=spec.detector, mode=spec.mode, reference=signal.reference_uri,
+        signal=signal.name, rows=len(signal.x_ref), features=signal.x_ref.shape[1])
+    detector = build_detector(signal.drift_spec, signal.x_ref)
+    watcher = Watcher(detector, args.capture, args.revision, args.state, n_features=signal.x_ref.shape[1],
+                      max_window_age_seconds=spec.max_window_age_seconds, signal=signal.capture_signal,
+                      transform=signal.transform, signal_name=signal.name)
     metrics = DriftMetrics(cm.name, args.metrics_port) if args.metrics_port else None
     previous = sink.read()
+    if not watcher.online:
+        watcher.resume(previous)
     while True:
-        if args.once or watcher.has_new_rows():
-            found = watcher.check()
-            verdict = next_verdict(found, previous, args.revision, detector.name)
-            try:
-                sink.write(verdict)
-            except Exception as err:  # e.g. the API server briefly unreachable: keep watching, retry next time
-                if args.once:
-                    raise
-                log("could not write the drift verdict", level="warning", sink=str(sink), error=str(err))
-                watcher.forget_mark()  # check again next time; the count goes on from the last verdict written
-                time.sleep(spec.check_interval_seconds)
-                continue
-            previous = verdict
-            if metrics:
-                metrics.observe(verdict)
-            log("drift check", outcome=verdict.outcome, p_value=verdict.p_value, distance=verdict.distance,
-                samples=verdict.samples, consecutive=verdict.consecutive, revision=args.revision,
-                sink=str(sink))
+        if watcher.online:
+            if args.once or watcher.has_new_rows():
+                verdict = next_verdict(watcher.check(), previous, args.revision, detector.name)
+                verdict.signal = signal.name
+                if _write(sink, verdict, args.once, watcher):
+                    previous = verdict
+                    _observe(metrics, verdict, args.revision, sink)
+        elif args.once or watcher.has_new_rows() or watcher.partial_due():
+            windows = watcher.windows()
+            if args.once and not windows and not watcher.has_verdict(previous):
+                verdict = watcher.waiting()  # nothing to say yet; a verdict already written is left as it is
+                if _write(sink, verdict, True, watcher):
+                    _observe(metrics, verdict, args.revision, sink)
+            for window in windows:
+                verdict = watcher.verdict(window)
+                if not _write(sink, verdict, args.once, watcher):
+                    break  # not committed: the same window is tested again next time
+                watcher.commit(window, verdict)
+                previous = verdict
+                _observe(metrics, verdict, args.revision, sink)
         if args.once:
             return 0
         time.sleep(spec.check_interval_seconds)
+
+
+def _write(sink, verdict: DriftVerdict, once: bool, watcher: Watcher) -> bool:
+    try:
+        sink.write(verdict)
+        return True
+    except Exception as err:  # e.g. the API server briefly unreachable: keep watching, retry next time
+        if once:
+            raise
+        log("could not write the drift verdict", level="warning", sink=str(sink), error=str(err))
+        watcher.forget_mark()  # check again next time; the count goes on from the last verdict written
+        return False
+
+
+def _observe(metrics, verdict: DriftVerdict, revision: int | None, sink) -> None:
+    if metrics:
+        metrics.observe(verdict)
+    log("drift check", outcome=verdict.outcome, p_value=verdict.p_value, distance=verdict.distance,
+        samples=verdict.samples, consecutive=verdict.consecutive, revision=revision, signal=verdict.signal,
+        first_sequence=verdict.first_sequence, last_sequence=verdict.last_sequence, windows=verdict.windows,
+        dropped_rows=verdict.dropped_rows, sink=str(sink))

@@ -25,42 +25,77 @@ MODEL_CARD_MD = "model_card.md"
 MODEL_CARD_JSON = "model_card.json"
 
 
+def serving_cpu_limit(spec):
+    """The serving Pod's CPU limit (spec.serving.resources, else the defaults), a Kubernetes quantity or None."""
+    from kompressor.api import defaults as d
+
+    resources = spec.serving.resources or d.SERVING_RESOURCES
+    return ((resources or {}).get("limits") or {}).get("cpu")
+
+
 def main(args: argparse.Namespace) -> int:
     from kompressor_jobs.data import load_dataset
     from kompressor_jobs.evaluate.gates import check_gates
-    from kompressor_jobs.evaluate.metrics import measure
+    from kompressor_jobs.evaluate.metrics import measure, measure_pair
+    from kompressor_jobs.runtime import ort_threads
 
     resource = load_resource(args.spec)
     spec = resource.spec
+    task = spec.model.task
     candidate_dir = Path(args.candidate).absolute()
     if not candidate_dir.is_dir():
         raise UserError(f"--candidate {args.candidate}: no such artifact folder")
     manifest = verify_artifact(candidate_dir)
     model = manifest.get("model") or {}
-    data = load_dataset(spec.data.eval, model.get("inputShape"), model.get("numClasses"))
+    data = load_dataset(spec.data.eval, model.get("inputs") or model.get("inputShape"), task,
+                        model.get("numClasses") if task == "classification" else None)
     if len(data) == 0:
         raise UserError(f"{spec.data.eval}: the eval dataset is empty")
+    # Latency is measured as it is served: ONNX Runtime's threads follow the serving Pod's CPU limit.
+    threads = ort_threads(serving_cpu_limit(spec), own_cgroup=False)
 
-    baseline_artifact, baseline_metrics = None, None
+    def true_zeros(m: dict) -> float | None:
+        """For an int8 artifact, the zeros of its float graph before quantization (no rounding zeros)."""
+        achieved = m.get("achieved") or {}
+        quantized = (achieved.get("quantization") or {}).get("mode", "none") != "none"
+        value = achieved.get("graphSparsity") if quantized and "quantizedZeroFraction" in achieved else None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    baseline_artifact, baseline_metrics, reference = None, None, None
     baseline_ref = manifest.get("baseline")
     if baseline_ref:
         baseline_dir = resolve_local(baseline_ref["uri"])
         verify_artifact(baseline_dir, baseline_ref["sha256"])
         baseline_artifact = Artifact(uri=baseline_ref["uri"], sha256=baseline_ref["sha256"])
-        log("measuring the baseline", artifact=baseline_ref["uri"])
-        baseline_metrics = measure(baseline_dir / MODEL_FILE, data)
+        log("measuring the candidate beside its baseline", artifact=str(candidate_dir), baseline=baseline_ref["uri"],
+            threads=threads)
+        metrics, reference = measure_pair(candidate_dir / MODEL_FILE, baseline_dir / MODEL_FILE, data, task=task,
+                                          threads=threads, true_zero_fraction=true_zeros(manifest))
+        baseline_metrics = reference.metrics
     else:
         log("the candidate names no baseline: gates that compare with it are judged Error", level="warning")
+        metrics = measure(candidate_dir / MODEL_FILE, data, task=task, threads=threads,
+                          true_zero_fraction=true_zeros(manifest))
 
-    log("measuring the candidate", artifact=str(candidate_dir))
-    metrics = measure(candidate_dir / MODEL_FILE, data,
-                      baseline_size=baseline_metrics.size_bytes if baseline_metrics else None)
-    gates = check_gates(spec.gates, metrics, baseline_metrics)
+    def judge(m: Metrics, man: dict) -> Gates:
+        return check_gates(spec.gates, m, baseline_metrics, task=task, manifest=man,
+                           int8_min_agreement=spec.compression.quantization.min_agreement)
+
+    gates = judge(metrics, manifest)
+    artifact = Artifact(uri=candidate_dir.as_uri(), sha256=manifest["files"][MODEL_FILE])
+    search_report = None
+    if manifest.get("search"):  # confirm the search's choice on eval; on disagreement try the next passing probe
+        from kompressor_jobs.compress.search import confirm_on_eval
+
+        metrics, gates, artifact, manifest, search_report = confirm_on_eval(
+            candidate_dir, manifest, metrics, gates, artifact,
+            lambda path: measure(path / MODEL_FILE, data, task=task, reference=reference, threads=threads,
+                                 true_zero_fraction=true_zeros(verify_artifact(path))),
+            lambda m: judge(m, manifest))
     report = EvalReport(
-        metrics=metrics, gates=gates,
-        artifact=Artifact(uri=candidate_dir.as_uri(), sha256=manifest["files"][MODEL_FILE]),
+        metrics=metrics, gates=gates, artifact=artifact,
         baseline_artifact=baseline_artifact, baseline_metrics=baseline_metrics,
-        probes=_read_probes(candidate_dir),
+        probes=_read_probes(candidate_dir), search=search_report,
     )
     card = model_card(resource, manifest, report, data)
 
@@ -99,15 +134,32 @@ def model_card(resource, manifest: dict, report: EvalReport, data) -> dict:
     model = manifest.get("model") or {}
     uri = model.get("uri", "")
     builtin = builtin_model(uri) if uri.startswith("builtin://") else None
+    from kompressor_jobs.hardware import cpu_model
+
+    task = resource.spec.model.task
+    inputs = model.get("inputs") or model.get("inputShape")
     intended = INTENDED_USE.get(builtin.dataset) if builtin else (
-        f"The task of the source model {uri}, on inputs shaped like its training data {model.get('inputShape')}.")
+        f"The {task} task of the source model {uri}, on inputs like its training data ({json.dumps(inputs)}).")
     metrics = to_wire(report.metrics)
+    m = report.metrics
+    measurement = {
+        "onnxruntimeThreads": m.latency_threads, "servingCpuLimit": serving_cpu_limit(resource.spec),
+        "cpuModel": cpu_model(), "visibleCores": os.cpu_count(), "latencyRuns": m.latency_runs,
+        "throughputBatch": m.throughput_batch, "baselineTimedAlongside": report.baseline_metrics is not None,
+    }
+    threads = ("one per core" if not m.latency_threads else f"{m.latency_threads}")
     limitations = [
         f"Metrics are measured on {len(data)} rows of {data.uri}; they hold for data distributed like it. "
         "The drift watcher checks live traffic against the reference data.",
-        f"Latency and throughput were measured with ONNX Runtime on CPU on the evaluation machine "
-        f"({os.cpu_count()} visible cores); other hardware gives other numbers.",
+        f"Latency and throughput were measured with ONNX Runtime on CPU ({measurement['cpuModel']}, "
+        f"{os.cpu_count()} visible cores) with {threads} intra-op threads, as the serving Pod runs under its CPU "
+        f"limit ({measurement['servingCpuLimit'] or 'none'}), from {m.latency_runs} timed batch-1 runs, the "
+        "baseline timed alongside in the same process; other hardware gives other numbers.",
     ]
+    if task != "classification":
+        limitations.append(f"A {task} model: fidelity is the mean cosine similarity of its outputs to the "
+                           "uncompressed model's on the same rows" + (
+                               "; no labels are used." if task == "embedding" else "."))
     achieved = manifest.get("achieved") or {}
     if achieved.get("method") in ("unstructured", "global"):
         limitations.append("Unstructured sparsity zeroes weights but keeps dense tensors: neither the ONNX file "
@@ -134,11 +186,40 @@ def model_card(resource, manifest: dict, report: EvalReport, data) -> dict:
                      if report.baseline_metrics else None},
         "slices": metrics.get("slices") or {},
         "gates": to_wire(report.gates),
-        "probes": len(report.probes),
+        "probes": len(report.probes),  # judged on validation
+        "probesOnEval": (report.search or {}).get("probesOnEval", 1),  # how many candidates touched the eval data
+        "search": report.search,
+        "gains": gains(report),
+        "measurement": measurement,
         "hardware": manifest.get("hardware"),
         "versions": manifest.get("versions"),
         "limitations": limitations,
     }
+
+
+GAINS = (  # (label, metric key, format)
+    ("Size on disk (bytes)", "sizeBytes", "{:,}"),
+    ("Compressed artifact, gzip (bytes)", "compressedSizeBytes", "{:,}"),
+    ("Parameters", "parameters", "{:,}"),
+    ("MACs at batch 1", "macs", "{:,}"),
+    ("p50 latency, batch 1 (ms)", "latencyP50Ms", "{:.4g}"),
+    ("p95 latency, batch 1 (ms)", "latencyP95Ms", "{:.4g}"),
+    ("Throughput (rows/s)", "throughputRps", "{:,.0f}"),
+)
+
+
+def gains(report: EvalReport) -> list[dict]:
+    """The candidate beside its baseline, one row per measure, with the ratio."""
+    c, b = to_wire(report.metrics), to_wire(report.baseline_metrics) if report.baseline_metrics else {}
+    rows = []
+    for label, key, fmt in GAINS:
+        cv, bv = c.get(key), b.get(key)
+        ratio = round(cv / bv, 4) if isinstance(cv, (int, float)) and isinstance(bv, (int, float)) and bv else None
+        rows.append({"what": label, "key": key, "candidate": fmt.format(cv) if cv is not None else None,
+                     "baseline": fmt.format(bv) if bv is not None else None, "ratio": ratio})
+    rows.append({"what": "Speed-up (baseline p50 / candidate p50)", "key": "speedup", "candidate": c.get("speedup"),
+                 "baseline": 1.0 if b else None, "ratio": c.get("speedup")})
+    return rows
 
 
 def model_card_markdown(card: dict) -> str:
@@ -158,7 +239,10 @@ def model_card_markdown(card: dict) -> str:
     ]
     for role, info in (card["data"] or {}).items():
         if isinstance(info, dict):
-            lines.append(f"- {role}: `{info.get('uri')}` (sha256 `{info.get('sha256')}`, {info.get('rows')} rows)")
+            where = (f"`{info['uri']}`" if info.get("uri") else f"{info.get('fraction')} of `{info.get('heldOutOf')}` "
+                     f"held out (seed {info.get('seed')})")
+            used = f"; used for {info['usedFor']}" if info.get("usedFor") else ""
+            lines.append(f"- {role}: {where} (sha256 `{info.get('sha256')}`, {info.get('rows')} rows{used})")
     cfg = card["compression"]["config"] or {}
     ach = card["compression"]["achieved"] or {}
     lines += [
@@ -167,23 +251,42 @@ def model_card_markdown(card: dict) -> str:
         "",
         f"- Pruning: {json.dumps(cfg.get('pruning'))}",
         f"- Quantization: {json.dumps(cfg.get('quantization'))}",
-        f"- Achieved: sparsity {ach.get('graphSparsity')}, parameters {ach.get('parametersBefore')} -> "
+        f"- Achieved: sparsity {m.get('sparsity')} of the baseline's weights removed or zero (zeros in the graph "
+        f"{ach.get('graphSparsity')}), parameters {ach.get('parametersBefore')} -> "
         f"{ach.get('parametersAfter')}, ONNX parity max |diff| {ach.get('parityMaxAbsDiff')}",
     ]
     if card["compression"].get("search"):
         lines.append(f"- Sparsity search: {json.dumps(card['compression']['search'])}")
-    lines += ["", "## Metrics (eval data, ONNX Runtime)", "",
+        lines.append(f"- Search probes judged on validation: {card['probes']}; candidates measured on eval: "
+                     f"{card['probesOnEval']}" + (f" (eval disagreed with validation on sparsity "
+                                                  f"{', '.join(map(str, card['search']['evalDisagreed']))})"
+                                                  if (card.get("search") or {}).get("evalDisagreed") else ""))
+    lines += ["", "## Gains vs the uncompressed baseline (measured in this evaluation)", "",
+              "| | candidate | baseline | candidate / baseline |", "| --- | --- | --- | --- |"]
+    for row in card.get("gains") or []:
+        lines.append(f"| {row['what']} | {row['candidate']} | {row['baseline']} | {row['ratio']} |")
+    meas = card.get("measurement") or {}
+    lines += ["", f"Timing: {meas.get('latencyRuns')} batch-1 runs, ONNX Runtime threads {meas.get('onnxruntimeThreads')} "
+              f"(0: one per core; serving CPU limit {meas.get('servingCpuLimit')}), CPU {meas.get('cpuModel')}, "
+              f"throughput at batch {meas.get('throughputBatch')}."]
+    task = m.get("task") or "classification"
+    keys = {"classification": ("accuracy", "f1", "precision", "recall", "ece", "agreement", "klDivergence",
+                               "cosineSimilarity"),
+            "regression": ("mae", "rmse", "r2", "cosineSimilarity"),
+            "embedding": ("cosineSimilarity",)}[task]
+    lines += ["", f"## Quality and fidelity ({task}; eval data, ONNX Runtime)", "",
               "| metric | candidate | baseline |", "| --- | --- | --- |"]
-    for key in ("accuracy", "f1", "precision", "recall", "ece", "latencyP50Ms", "latencyP95Ms", "latencyP99Ms",
-                "throughputRps", "sizeBytes", "sizeRatio", "sparsity"):
+    for key in keys:
         lines.append(f"| {key} | {m.get(key)} | {b.get(key, '')} |")
     if card["slices"]:
-        lines += ["", "## Slices", "", "| slice | accuracy | F1 | rows |", "| --- | --- | --- | --- |"]
+        cols = {"classification": ("accuracy", "f1"), "regression": ("mae", "r2")}.get(task, ()) + ("cosineSimilarity",)
+        lines += ["", "## Slices", "", "| slice | " + " | ".join(cols) + " | rows |",
+                  "| --- | " + " | ".join("---" for _ in cols) + " | --- |"]
         for name, s in card["slices"].items():
-            lines.append(f"| {name} | {s.get('accuracy')} | {s.get('f1')} | {s.get('samples')} |")
+            lines.append(f"| {name} | " + " | ".join(str(s.get(c)) for c in cols) + f" | {s.get('samples')} |")
     lines += ["", "## Gates", "", "| gate | value | threshold | outcome | why |", "| --- | --- | --- | --- | --- |"]
     for r in card["gates"].get("results", []):
-        lines.append(f"| {r['gate']} | {r.get('value')} | {r.get('threshold')} | {r['outcome']} "
-                     f"| {r.get('message', '')} |")
+        lines.append(f"| {r['gate']}{' (default)' if r.get('default') else ''} | {r.get('value')} "
+                     f"| {r.get('threshold')} | {r['outcome']} | {r.get('message', '')} |")
     lines += ["", "## Limitations", ""] + [f"- {text}" for text in card["limitations"]] + [""]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The builtin models: small architectures trained on their builtin dataset on first use.
 
-This registry is light (no torch); ``kompressor_jobs.models`` builds and trains them.
+This registry is light (no torch); ``kompressor_jobs.models.architectures`` builds and trains them.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ class BuiltinModel:
     dataset: str  # builtin dataset name (see data.BUILTIN_DATA)
     input_shape: tuple[int, ...]
     num_classes: int
-    arch: str  # "mlp" or "cnn"
-    hidden: tuple[int, ...]  # MLP widths, or CNN (conv channels..., fc width)
+    arch: str  # "mlp", "cnn" or "resnet"
+    hidden: tuple[int, ...]  # MLP widths, CNN (conv channels..., fc width), or ResNet stage widths
     epochs: int
     # Bumped whenever the architecture or training recipe changes: part of the cache key.
     recipe: int = 1
@@ -31,6 +31,8 @@ BUILTIN_MODELS = {
     # Wide enough that removing channels (structured pruning) shows up in ONNX Runtime latency.
     "digits-mlp": BuiltinModel("digits-mlp", "digits", (64,), 10, "mlp", (1024, 1024), epochs=8),
     "digits-cnn": BuiltinModel("digits-cnn", "digits", (1, 8, 8), 10, "cnn", (32, 64, 128), epochs=10),
+    # BatchNorm, residual basic blocks (identity and 1x1-projection shortcuts), adaptive average pooling.
+    "digits-resnet": BuiltinModel("digits-resnet", "digits", (1, 8, 8), 10, "resnet", (16, 32, 64), epochs=6),
     "wine-mlp": BuiltinModel("wine-mlp", "wine", (13,), 3, "mlp", (64, 64), epochs=40),
     "breast-cancer-mlp": BuiltinModel("breast-cancer-mlp", "breast_cancer", (30,), 2, "mlp", (128, 64), epochs=20),
 }

@@ -45,6 +45,7 @@ class InferenceServer:
                 capture, capture_max_bytes,
                 on_drop=lambda rows, reason: self.metrics.capture_dropped.labels(name, reason).inc(rows),
                 on_write=lambda rows: self.metrics.captured.labels(name).inc(rows))
+            self.capture.start_serving(model.revision)  # a new serving stint unless it was serving already
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_as_json])
@@ -137,8 +138,10 @@ class InferenceServer:
         names = outputs or model.output_names
         response = encode_response(self.name, model, names, results, request_id)
         rows = next(iter(feeds.values())).shape[0]
-        if self.capture is not None:
-            self.capture.submit(tuple(feeds[spec.name] for spec in model.inputs), model.revision)
+        if self.capture is not None:  # inputs by name in their dtypes, and the outputs when all were computed
+            captured = dict(zip(names, results)) if list(names) == list(model.output_names) else None
+            self.capture.submit({spec.name: feeds[spec.name] for spec in model.inputs}, model.revision,
+                                outputs=captured)
         requests, batch, latency = self.metrics.for_revision(self.name, model.version)
         requests.inc()
         batch.observe(rows)
@@ -176,6 +179,8 @@ class InferenceServer:
                 log("hot swap refused", level="warning", artifact=str(folder), error=str(err))
                 return _error(400, str(err))
             old, self.model = self.model, new
+            if self.capture is not None:  # before any request on the new model: rows served since count
+                self.capture.start_serving(new.revision)
             self.metrics.revision.labels(self.name).set(new.revision)
             self.metrics.swaps.labels(self.name, "loaded").inc()
         log("model swapped", model=self.name, old_revision=old.revision, revision=new.revision, sha256=new.sha256)

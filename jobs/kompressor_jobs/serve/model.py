@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from kompressor.errors import UserError
 from kompressor.store import MODEL_FILE, verify_artifact
+from kompressor_jobs.runtime import ort_threads
 
 # ONNX Runtime's tensor types and the OIP v2 datatypes, one to one.
 ORT_TO_OIP = {
@@ -56,9 +56,10 @@ class LoadedModel:
         self.version = str(revision)
         self.sha256 = self.manifest["files"][MODEL_FILE]
         options = ort.SessionOptions()
-        threads = os.environ.get("KOMPRESSOR_ORT_THREADS")
-        if threads:
-            options.intra_op_num_threads = int(threads)
+        # The same rule as the evaluation Job's latency measurement: $KOMPRESSOR_ORT_THREADS, else this Pod's
+        # CPU limit (spec.serving.resources.limits.cpu), else one thread per core.
+        self.threads = ort_threads()
+        options.intra_op_num_threads = self.threads
         try:
             self.session = ort.InferenceSession(str(self.artifact / MODEL_FILE), options,
                                                 providers=["CPUExecutionProvider"])

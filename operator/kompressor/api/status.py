@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kompressor.api.fields import api_field
+from kompressor.api.spec import DRIFT_SIGNALS
 
 PHASES = (
     "Pending", "Compressing", "Evaluating", "Rejected", "AwaitingApproval", "Promoting", "Serving",
@@ -37,25 +38,57 @@ class SliceMetrics:
 
     accuracy: float | None = api_field("Accuracy on the slice.")
     f1: float | None = api_field("Macro-F1 on the slice.")
+    mae: float | None = api_field("Regression: mean absolute error on the slice.")
+    r2: float | None = api_field("Regression: R² on the slice.")
+    cosine_similarity: float | None = api_field("Mean cosine similarity to the baseline's outputs on the slice.")
     samples: int | None = api_field("Eval rows in the slice.")
 
 
 @dataclass
 class Metrics:
-    """What the evaluation Job measured (ONNX Runtime, eval data)."""
+    """What the evaluation Job measured (ONNX Runtime, eval data), beside the uncompressed baseline measured
+    in the same run."""
 
-    accuracy: float | None = api_field("Top-1 accuracy.")
+    task: str | None = api_field("classification, regression or embedding.", enum=("classification", "regression",
+                                                                                    "embedding"))
+    accuracy: float | None = api_field("Top-1 accuracy (classification).")
     f1: float | None = api_field("Macro-F1.")
     precision: float | None = api_field("Macro precision.")
     recall: float | None = api_field("Macro recall.")
     ece: float | None = api_field("Expected calibration error (15 equal-width bins).")
+    mae: float | None = api_field("Regression: mean absolute error.")
+    rmse: float | None = api_field("Regression: root mean squared error.")
+    r2: float | None = api_field("Regression: R² (coefficient of determination).")
+    agreement: float | None = api_field("Fidelity: fraction of rows whose top-1 class equals the uncompressed "
+                                        "model's (classification; no labels needed).")
+    kl_divergence: float | None = api_field("Fidelity: mean KL divergence of the uncompressed model's class "
+                                            "probabilities from this model's (classification).")
+    cosine_similarity: float | None = api_field("Fidelity: mean cosine similarity of the outputs to the "
+                                                "uncompressed model's on the same rows (any task).")
     latency_p50_ms: float | None = api_field("p50 latency at batch 1, ms.")
     latency_p95_ms: float | None = api_field("p95 latency at batch 1, ms.")
     latency_p99_ms: float | None = api_field("p99 latency at batch 1, ms.")
-    throughput_rps: float | None = api_field("Rows per second at batch 64.")
+    latency_p95_upper_ms: float | None = api_field("Distribution-free 95 % upper confidence bound of the p95 "
+                                                   "latency (an order statistic of the timed runs), ms.")
+    latency_runs: int | None = api_field("Timed batch-1 runs behind the latency percentiles.")
+    latency_threads: int | None = api_field("ONNX Runtime intra-op threads used, as the serving Pod uses them "
+                                            "(its CPU limit); 0 is one per core.")
+    throughput_rps: float | None = api_field("Rows per second at batch throughputBatch.")
+    throughput_batch: int | None = api_field("Batch size of the throughput measurement.")
+    speedup: float | None = api_field("Baseline p50 latency divided by this model's (batch 1).")
+    throughput_speedup: float | None = api_field("This model's throughput divided by the baseline's.")
     size_bytes: int | None = api_field("Size of model.onnx on disk.")
     size_ratio: float | None = api_field("Size relative to the uncompressed baseline.")
-    sparsity: float | None = api_field("Fraction of exactly-zero weights in the exported graph.")
+    compressed_size_bytes: int | None = api_field("The artifact folder as a gzip-compressed tar: what a pull "
+                                                  "costs.")
+    compressed_size_ratio: float | None = api_field("Compressed size relative to the baseline's.")
+    parameters: int | None = api_field("Elements of the weight tensors in the graph (8-bit or float).")
+    macs: int | None = api_field("Multiply-accumulates of one batch-1 forward pass (MatMul, Gemm, Conv, "
+                                 "attention), counted from the graph with shape inference.")
+    sparsity: float | None = api_field("Fraction of the baseline's weights that are gone: removed (structured "
+                                       "pruning) or exactly zero (unstructured; for int8 graphs the zeros of the "
+                                       "float graph before quantization, not rounding zeros).")
+    zero_fraction: float | None = api_field("Fraction of zero weights in this graph (zero-point aware).")
     slices: dict[str, SliceMetrics] | None = api_field("Metrics per slice.", map_of=SliceMetrics)
 
 
@@ -68,6 +101,8 @@ class GateResult:
     threshold: float | None = api_field("Threshold from the spec.")
     outcome: str = api_field("Successful, Failed, Inconclusive or Error.", required=True, enum=GATE_OUTCOMES)
     message: str = api_field("Why, in words.", default="")
+    default: bool | None = api_field("True when no quality gate was set and this is the task's default gate "
+                                     "(spec.gates.defaults).")
 
 
 @dataclass
@@ -108,6 +143,17 @@ class DriftVerdict:
     revision: int | None = api_field("The serving revision the traffic was sent to.")
     detector: str | None = api_field("Detector that produced the verdict.")
     feature_p_values: list[float] | None = api_field("Per-feature p-values, where the detector gives them.")
+    signal: str | None = api_field("What was tested: inputs, outputs or embeddings (spec.drift.signal).",
+                                   enum=DRIFT_SIGNALS)
+    first_sequence: int | None = api_field("Capture sequence of the first row tested (window mode: of this "
+                                           "window; each window is fresh, disjoint traffic).", minimum=0)
+    last_sequence: int | None = api_field("Capture sequence of the last row tested.", minimum=0)
+    windows: int | None = api_field("Windows tested since the revision (re)started serving; consecutive counts "
+                                    "the newest drifting ones among them.", minimum=0)
+    serving_since_sequence: int | None = api_field("Capture sequence where the revision (re)started serving: "
+                                                   "rows captured before it are never tested.", minimum=0)
+    dropped_rows: int | None = api_field("Rows the capture's size cap deleted before the watcher read them, "
+                                         "since the revision (re)started serving.", minimum=0)
 
 
 @dataclass

@@ -111,7 +111,7 @@ def _stage_succeeded(run: Run, kind: str, c: Candidate) -> bool:
 
 def fail(run: Run, job_name: str, kind: str, why: str, bad_input: bool = False) -> None:
     if bad_input:  # exit 2: the spec or a file it names is wrong; retrying the same input fails the same way
-        message = (f"{kind} Job {job_name} failed on bad input (exit code {BAD_INPUT_EXIT_CODE}), not retried"
+        message = (f"{kind} Job {job_name} failed on bad input, not retried (exit code {BAD_INPUT_EXIT_CODE})"
                    + (f": {why}" if why else ""))
         todo = f"; fix the spec or the files it names, then set annotation {d.ANNOTATION_RETRY} to a new value"
     else:
@@ -133,7 +133,12 @@ def record(run: Run, c: Candidate, report: EvalReport) -> None:
     st.candidate = None
     sparsity = report.metrics.sparsity
     summary = f"revision {c.revision}" + (f" (sparsity {sparsity:.2f})" if sparsity is not None else "")
-    conditions.put(st, "Compressed", "True", reasons.COMPRESSED, f"{summary} compressed and evaluated",
+    search, note = report.search or {}, ""
+    if search.get("evalDisagreed"):  # the search chose on validation; eval did not confirm that choice
+        note = (f"; eval disagreed with validation on sparsity {', '.join(map(str, search['evalDisagreed']))}"
+                + (f", so the next passing probe ({search.get('chosenSparsity')}) was kept" if search.get("fellBack")
+                   else "") + f"; {search.get('probesOnEval')} candidates touched the eval data")
+    conditions.put(st, "Compressed", "True", reasons.COMPRESSED, f"{summary} compressed and evaluated{note}",
                    run.gen, run.stamp)
     if report.gates.passed:
         conditions.put(st, "GatesPassed", "True", reasons.GATES_PASSED,

@@ -9,6 +9,7 @@
                           serving.jsonl every revision the local server started serving, with the time
                           spec-g<N>.yaml  the manifest handed to the jobs of generation N
                           verdict.json  the drift watcher's latest verdict (copied into status.drift)
+                          verdict.history.jsonl  every verdict the watcher wrote (one per window)
                           capture/      inputs captured by the server, read by the watcher
                           logs/         one log file per child process
 
@@ -28,6 +29,7 @@ STATUS_FILE = "status.json"
 EVENTS_FILE = "events.jsonl"
 DRIFT_HISTORY_FILE = "drift.jsonl"
 VERDICT_FILE = "verdict.json"
+VERDICT_HISTORY_FILE = "verdict.history.jsonl"  # every verdict the watcher wrote (drift.sinks.history_path)
 SERVING_HISTORY_FILE = "serving.jsonl"
 
 
@@ -111,6 +113,10 @@ class ModelDir:
     @property
     def verdict(self) -> Path:
         return self.root / VERDICT_FILE
+
+    @property
+    def verdict_history(self) -> Path:
+        return self.root / VERDICT_HISTORY_FILE
 
     @property
     def capture(self) -> Path:

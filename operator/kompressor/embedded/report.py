@@ -34,6 +34,7 @@ class ModelRecord:
     reports: dict[int, dict]  # revision -> metrics.json
     verdicts: list[dict]
     events: list[dict]
+    serving_windows: list[dict] = field(default_factory=list)  # every verdict the watcher wrote (one per window)
     serving: list[dict]
     cards: dict[int, Path] = field(default_factory=dict)
 
@@ -62,6 +63,7 @@ def collect(workdir: Path) -> list[ModelRecord]:
             namespace=namespace, name=name, status=status, spec=(read_json(files.object, {}) or {}).get("spec", {}),
             reports=reports, verdicts=read_jsonl(files.drift_history), events=read_jsonl(files.events),
             serving=read_jsonl(files.serving_history), cards=cards,
+            serving_windows=read_jsonl(files.verdict_history),
         ))
     return records
 
@@ -101,9 +103,16 @@ def _model_section(record: ModelRecord, out_dir: Path, demo: dict | None) -> str
                  "dotted: the accuracy floors the gates allow. Latencies are ONNX Runtime on this machine's CPU, "
                  "batch 1; below a tenth of a millisecond they are mostly timer noise.</p>")
     parts.append(_img(_plot_probes(record)) + _probes_table(record))
+    parts.append("<h3>Gains vs the uncompressed baseline</h3>")
+    parts.append("<p class=dim>Each revision's evaluation measured it beside the baseline (revision 0) in the same "
+                 "process, on the same rows, with ONNX Runtime's threads pinned as the serving Pod runs them. Bars are "
+                 "the candidate as a fraction of the baseline: below the dashed line (1.0) is smaller or faster. "
+                 "Latency is batch 1; the gzip size is what pulling the artifact costs.</p>")
+    parts.append(_img(_plot_gains(record)) + _gains_table(record))
     parts.append("<h3>Gate verdicts</h3>" + _gates_table(record))
     parts.append("<h3>Drift p-value over time</h3>")
-    parts.append("<p class=dim>One point per drift check of the served traffic (the configured Alibi Detect "
+    parts.append("<p class=dim>One point per window of served traffic tested for drift (each window is fresh, "
+                 "disjoint traffic; the configured Alibi Detect "
                  "detector; for feature-wise tests such as KS, the smallest feature-wise p-value after correction). "
                  "Below the dashed threshold the check finds drift (red points); p-values under 1e-12 are drawn at "
                  "1e-12. The shaded bands show which revision was serving. A new revision's watcher starts "
@@ -237,7 +246,7 @@ def _plot_probes(record: ModelRecord) -> bytes | None:
     plt = _pyplot()
     fig, (ax_acc, ax_lat) = plt.subplots(1, 2, figsize=(11, 4))
     for ax in (ax_acc, ax_lat):
-        ax.set_xlabel("sparsity (fraction of weights that are zero)")
+        ax.set_xlabel("sparsity (fraction of the baseline's weights removed or zero)")
         ax.grid(alpha=0.3)
     from matplotlib.lines import Line2D
 
@@ -276,6 +285,72 @@ def _plot_probes(record: ModelRecord) -> bytes | None:
     ax_acc.legend(fontsize=8, loc="lower left")
     ax_lat.legend(fontsize=8, loc="lower left")
     return _png(fig)
+
+
+GAIN_BARS = (("sizeBytes", "size on disk"), ("compressedSizeBytes", "gzip size (pull)"),
+             ("parameters", "parameters"), ("macs", "MACs"), ("latencyP50Ms", "p50 latency"),
+             ("latencyP95Ms", "p95 latency"))
+
+
+def _gain_reports(record: ModelRecord) -> list[tuple[int, dict, dict]]:
+    """(revision, candidate metrics, baseline metrics) of the newest evaluated revisions (at most 4)."""
+    out = []
+    for revision, report in sorted(record.reports.items()):
+        base = (report.get("baseline") or {}).get("metrics")
+        if revision > 0 and base:
+            out.append((revision, report, base))
+    return out[-4:]
+
+
+def _ratio(c: dict, b: dict, key: str) -> float | None:
+    cv, bv = c.get(key), b.get(key)
+    return cv / bv if isinstance(cv, (int, float)) and isinstance(bv, (int, float)) and bv else None
+
+
+def _plot_gains(record: ModelRecord) -> bytes | None:
+    reports = _gain_reports(record)
+    if not reports:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(reports)
+    for i, (revision, c, b) in enumerate(reports):
+        xs = [j + (i - (len(reports) - 1) / 2) * width for j in range(len(GAIN_BARS))]
+        ratios = [_ratio(c, b, key) for key, _ in GAIN_BARS]
+        bars = ax.bar([x for x, r in zip(xs, ratios) if r is not None], [r for r in ratios if r is not None],
+                      width=width * 0.95, label=f"r{revision}" + ("" if (c.get("gates") or {}).get("passed")
+                                                                     else " (failed its gates)"))
+        for bar, r in zip(bars, [r for r in ratios if r is not None]):
+            ax.annotate(f"{r:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.axhline(1.0, ls="--", c="grey", label="baseline (r0) = 1.0")
+    ax.set_xticks(range(len(GAIN_BARS)))
+    ax.set_xticklabels([label for _, label in GAIN_BARS])
+    ax.set_ylabel("candidate / baseline")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Smaller and faster than the baseline? (lower is better)")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
+
+
+def _gains_table(record: ModelRecord) -> str:
+    rows = []
+    for revision, c, b in _gain_reports(record):
+        cells = [f"r{revision}"]
+        for key in ("sizeBytes", "compressedSizeBytes", "parameters", "macs", "latencyP50Ms", "latencyP95Ms",
+                    "throughputRps"):
+            cells.append(f"{_fmt(c.get(key))} <span class=dim>/ {_fmt(b.get(key))}</span>")
+        cells.append(_fmt(c.get("speedup")))
+        cells.append(_fmt(c.get("sparsity")))
+        threads = c.get("latencyThreads")
+        cells.append(f"{'one per core' if threads == 0 else _fmt(threads)}, {_fmt(c.get('latencyRuns'))} runs")
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    if not rows:
+        return ""
+    return ("<table><tr><th>Revision</th><th>Size (bytes) / baseline</th><th>gzip size</th><th>Parameters</th>"
+            "<th>MACs</th><th>p50 (ms)</th><th>p95 (ms)</th><th>Throughput (rows/s)</th><th>Speed-up (p50)</th>"
+            "<th>Sparsity</th><th>Timing</th></tr>" + "".join(rows) + "</table>")
 
 
 def _times(values: list[str]) -> list[datetime]:
@@ -322,8 +397,23 @@ def _draw_markers(ax, record: ModelRecord, demo: dict | None) -> None:
                     bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.8})
 
 
+def drift_points(record: ModelRecord) -> list[dict]:
+    """One verdict per tested window, in order: from the watcher's own history (every window, even several
+    tested between two reads of the verdict file), else the runner's copies; a window seen twice (the same
+    revision, first and last capture sequence) is drawn once."""
+    source = record.serving_windows or record.verdicts
+    points: dict[tuple, dict] = {}
+    for v in source:
+        if v.get("pValue") is None or not v.get("checkedAt"):
+            continue
+        key = ((v.get("revision"), v.get("servingSinceSequence"), v.get("firstSequence"), v.get("lastSequence"))
+               if v.get("lastSequence") is not None else (v.get("checkedAt"), id(v)))
+        points[key] = v
+    return sorted(points.values(), key=lambda v: v["checkedAt"])
+
+
 def _plot_drift(record: ModelRecord, demo: dict | None) -> bytes | None:
-    verdicts = [v for v in record.verdicts if v.get("pValue") is not None and v.get("checkedAt")]
+    verdicts = drift_points(record)
     if not verdicts:
         return None
     plt = _pyplot()

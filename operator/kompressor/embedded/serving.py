@@ -150,6 +150,7 @@ class LocalServing:
         argv = commands.watcher_argv(
             str(spec_file), str(self.files.capture), str(self.files.verdict), action.revision,
             reference=action.drift_reference, state=str(self.files.drift_state / f"r{action.revision}"),
+            artifact=str(resolve_local(action.artifact.uri)),
         )
         self.files.capture.mkdir(parents=True, exist_ok=True)
         self.watcher, self.watcher_key = Child(argv, self.files.logs / "drift-watcher.log"), key

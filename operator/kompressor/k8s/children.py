@@ -186,7 +186,7 @@ def watcher_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> d
     argv = commands.watcher_argv(
         f"{SPEC_MOUNT}/{SPEC_FILE}", store.path(CAPTURE_KEY.format(**key)), f"k8s://{cm.namespace}/{cm.name}",
         action.revision, reference=action.drift_reference, state=store.path(DRIFT_STATE_KEY.format(**key)),
-        metrics_port=d.DRIFT_METRICS_PORT)
+        metrics_port=d.DRIFT_METRICS_PORT, artifact=pod_path_of(action.artifact.uri))
     spec_volume, spec_mount = _spec_volume(cm)
     meta = _metadata(cm, names.watcher_name(cm.name), "drift-watcher", action.revision)
     # The metrics server starts once the detector is built (importing Alibi Detect and loading the

@@ -63,7 +63,9 @@ class ApiClient:
     async def call(self, access: Access, namespace: str | None = None, name: str | None = None,
                    body: Any = None, params: dict | None = None) -> Any:
         headers = {"Accept": "application/json"}
-        auth = self._cfg.get_api_key_with_prefix("authorization")
+        # kubernetes >= 36 keeps the bearer token (in-cluster, kubeconfig tokens) under "BearerToken";
+        # older clients under "authorization" (as Kopf's login_via_client reads it).
+        auth = self._cfg.get_api_key_with_prefix("BearerToken") or self._cfg.get_api_key_with_prefix("authorization")
         if auth:
             headers["Authorization"] = auth
         if access.verb == "patch":

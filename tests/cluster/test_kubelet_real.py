@@ -1,0 +1,203 @@
+"""The process kubelet (e2e/cluster/kubelet.py) with the real control plane: Nodes, Pods as processes,
+env and volumes, the ServiceAccount token (in-cluster config against the real authenticator), probes,
+exit codes, deletion with grace periods, and the real Job / Deployment / EndpointSlice controllers on top."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+import pytest
+
+from test_operator_real import wait
+
+NAMESPACE = "kubelet-checks"
+PY = "python:3.11-slim"  # not pulled: `python` is the venv's
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+@pytest.fixture(scope="module")
+def core(cluster, api_client):
+    from kubernetes import client
+
+    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    wait(lambda: _has_default_account(client.CoreV1Api(api_client)), 60, "the namespace's default ServiceAccount")
+    yield client.CoreV1Api(api_client)
+    cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+
+
+def _has_default_account(core) -> bool:
+    return any(a.metadata.name == "default" for a in core.list_namespaced_service_account(NAMESPACE).items)
+
+
+def _pod(name: str, script: str, **spec) -> dict:
+    container = {"name": "main", "image": PY, "command": ["python", "-c", script]}
+    container.update(spec.pop("container", {}))
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {"restartPolicy": "Never", "containers": [container], **spec}}
+
+
+def _phase(core, name: str) -> str | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return core.read_namespaced_pod(name, NAMESPACE).status.phase
+    except ApiException as err:
+        if err.status == 404:
+            return "Gone"
+        raise
+
+
+def test_nodes_are_registered_ready_with_capacity_taints_and_leases(cluster, api_client):
+    from kubernetes import client
+
+    nodes = {n.metadata.name: n for n in client.CoreV1Api(api_client).list_node().items}
+    assert set(nodes) >= {"kompressor-cpu", "kompressor-gpu"}
+    gpu, cpu = nodes["kompressor-gpu"], nodes["kompressor-cpu"]
+    for node in (gpu, cpu):
+        ready = [c for c in node.status.conditions if c.type == "Ready"]
+        assert ready and ready[0].status == "True"
+    assert gpu.status.allocatable["nvidia.com/gpu"] == "1" and "nvidia.com/gpu" not in cpu.status.allocatable
+    assert [(t.key, t.value, t.effect) for t in gpu.spec.taints] == [("nvidia.com/gpu", "present", "NoSchedule")]
+    assert not cpu.spec.taints
+    lease = client.CoordinationV1Api(api_client).read_namespaced_lease("kompressor-gpu", "kube-node-lease")
+    age = (datetime.now(timezone.utc) - lease.spec.renew_time).total_seconds()
+    assert age < 30, f"lease renewed {age:.0f} s ago"
+
+
+SCRIPT = r"""
+import json, os, pathlib, ssl, urllib.request
+from kubernetes import client, config
+out = {"env": {k: os.environ.get(k) for k in ("POD_NAME", "POD_IP", "NODE", "FROM_CM", "FROM_SECRET", "LIMIT")}}
+# Paths reach a process through its argv and env (there the kubelet maps them into the Pod's root).
+out["file"] = pathlib.Path(os.environ["SETTINGS"], "greeting").read_text()
+pathlib.Path(os.environ["SCRATCH"], "x").write_text("written")
+out["scratch"] = pathlib.Path(os.environ["SCRATCH"], "x").read_text()
+out["namespace"] = pathlib.Path(os.environ["SA"], "namespace").read_text()
+cfg = client.Configuration()
+config.load_incluster_config(client_configuration=cfg)
+api = client.ApiClient(cfg)
+review = client.AuthenticationV1Api(api).create_self_subject_review(
+    {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
+out["user"] = review.status.user_info.username
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_pod_gets_its_env_volumes_address_and_service_account(core, cluster):
+    core.create_namespaced_config_map(NAMESPACE, {"metadata": {"name": "settings"},
+                                                  "data": {"greeting": "hello", "key": "from-configmap"}})
+    core.create_namespaced_secret(NAMESPACE, {"metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}})
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+           {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+           {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+           {"name": "FROM_CM", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "key"}}},
+           {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
+           {"name": "LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
+           {"name": "SETTINGS", "value": "/etc/settings"}, {"name": "SCRATCH", "value": "/scratch"},
+           {"name": "SA", "value": "/var/run/secrets/kubernetes.io/serviceaccount"}]
+    pod = _pod("everything", SCRIPT, container={
+        "env": env, "resources": {"limits": {"memory": "256Mi"}},
+        "volumeMounts": [{"name": "settings", "mountPath": "/etc/settings"}, {"name": "scratch", "mountPath": "/scratch"}]},
+        volumes=[{"name": "settings", "configMap": {"name": "settings"}}, {"name": "scratch", "emptyDir": {}}])
+    core.create_namespaced_pod(NAMESPACE, pod)
+    wait(lambda: _phase(core, "everything") in ("Succeeded", "Failed"), 120, "the Pod to finish",
+         lambda: cluster.pod_logs(NAMESPACE, "everything") + cluster.diagnostics())
+    status = core.read_namespaced_pod("everything", NAMESPACE).status
+    logs = cluster.pod_logs(NAMESPACE, "everything")
+    assert status.phase == "Succeeded", logs
+    assert status.container_statuses[0].state.terminated.exit_code == 0
+    ip = status.pod_ip
+    assert ip.startswith(("10.244.", "127.")) and ip != "127.0.0.1"  # its own address (kubelet --pod-cidr)
+    out = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+    assert out["env"] == {"POD_NAME": "everything", "POD_IP": ip, "NODE": "kompressor-cpu", "FROM_CM": "from-configmap",
+                          "FROM_SECRET": "s3cret", "LIMIT": str(256 * 2**20)}
+    assert out["file"] == "hello" and out["scratch"] == "written" and out["namespace"] == NAMESPACE
+    assert out["user"] == f"system:serviceaccount:{NAMESPACE}:default"  # the real authenticator took the token
+
+
+def test_exit_codes_and_deletion_grace(core, cluster):
+    core.create_namespaced_pod(NAMESPACE, _pod("exits-3", "raise SystemExit(3)"))
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+                "time.sleep(600)")
+    core.create_namespaced_pod(NAMESPACE, _pod("stubborn", stubborn, terminationGracePeriodSeconds=2))
+    polite = "import time; print('up', flush=True); time.sleep(600)"
+    core.create_namespaced_pod(NAMESPACE, _pod("polite", polite, terminationGracePeriodSeconds=30))
+    wait(lambda: _phase(core, "exits-3") == "Failed", 60, "exits-3 to fail", cluster.diagnostics)
+    assert core.read_namespaced_pod("exits-3", NAMESPACE).status.container_statuses[0].state.terminated.exit_code == 3
+    for name in ("stubborn", "polite"):
+        wait(lambda: "up" in cluster.pod_logs(NAMESPACE, name), 60, f"{name} to run", cluster.diagnostics)
+    started = time.monotonic()
+    core.delete_namespaced_pod("polite", NAMESPACE)  # exits on SIGTERM at once
+    wait(lambda: _phase(core, "polite") == "Gone", 30, "polite to be gone")
+    assert time.monotonic() - started < 10
+    started = time.monotonic()
+    core.delete_namespaced_pod("stubborn", NAMESPACE)  # ignores SIGTERM: SIGKILL after its 2 s
+    wait(lambda: _phase(core, "stubborn") == "Gone", 30, "stubborn to be gone")
+    assert 2 <= time.monotonic() - started < 15
+
+
+def test_probes_restarts_and_endpoints(core, cluster, api_client):
+    from kubernetes import client
+
+    apps, discovery = client.AppsV1Api(api_client), client.DiscoveryV1Api(api_client)
+    labels = {"app": "web"}
+    container = {"name": "web", "image": PY, "command": ["python", "-m", "http.server", "8000", "--bind", "0.0.0.0"],
+                 "ports": [{"name": "http", "containerPort": 8000}],
+                 "readinessProbe": {"httpGet": {"path": "/", "port": "http"}, "periodSeconds": 1},
+                 "livenessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 2}}
+    apps.create_namespaced_deployment(NAMESPACE, {
+        "metadata": {"name": "web"}, "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                                              "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}}}})
+    core.create_namespaced_service(NAMESPACE, {"metadata": {"name": "web"}, "spec": {
+        "selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+
+    def ready_endpoints():
+        out = []
+        for item in discovery.list_namespaced_endpoint_slice(NAMESPACE, label_selector="kubernetes.io/service-name=web").items:
+            out += [e.addresses[0] for e in item.endpoints or [] if e.conditions.ready]
+        return sorted(out) if len(out) == 2 else None
+
+    ips = wait(ready_endpoints, 120, "two ready endpoints", cluster.diagnostics)
+    assert len(set(ips)) == 2  # both replicas listen on :8000, each on its own address
+    for ip in ips:
+        with urllib.request.urlopen(f"http://{ip}:8000/", timeout=5) as resp:
+            assert resp.status == 200
+    assert apps.read_namespaced_deployment("web", NAMESPACE).status.ready_replicas == 2
+
+    # A failing liveness probe (exec) makes the kubelet restart the container.
+    core.create_namespaced_pod(NAMESPACE, _pod("unhealthy", "import time; time.sleep(600)", restartPolicy="Always",
+                                                container={"livenessProbe": {"exec": {"command": ["false"]},
+                                                                             "periodSeconds": 1, "failureThreshold": 1}},
+                                                terminationGracePeriodSeconds=1))
+    wait(lambda: (s := core.read_namespaced_pod("unhealthy", NAMESPACE).status.container_statuses)
+         and s[0].restart_count >= 1, 60, "a liveness restart", cluster.diagnostics)
+
+
+def test_jobs_complete_and_a_failed_job_stops_on_its_pod_failure_policy(core, cluster, api_client):
+    from kubernetes import client
+
+    batch = client.BatchV1Api(api_client)
+
+    def job(name: str, code: int) -> dict:
+        return {"metadata": {"name": name}, "spec": {
+            "backoffLimit": 3,
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [2]}}]},
+            "template": {"spec": {"restartPolicy": "Never", "containers": [
+                {"name": "main", "image": PY, "command": ["python", "-c", f"raise SystemExit({code})"]}]}}}}
+
+    batch.create_namespaced_job(NAMESPACE, job("succeeds", 0))
+    batch.create_namespaced_job(NAMESPACE, job("bad-input", 2))
+
+    def condition(name: str):
+        status = batch.read_namespaced_job(name, NAMESPACE).status
+        done = [c for c in status.conditions or [] if c.type in ("Complete", "Failed") and c.status == "True"]
+        return (done[0], status) if done else None
+
+    done, status = wait(lambda: condition("succeeds"), 120, "the Job to complete", cluster.diagnostics)
+    assert done.type == "Complete" and status.succeeded == 1
+    done, status = wait(lambda: condition("bad-input"), 120, "the bad-input Job to fail", cluster.diagnostics)
+    assert done.type == "Failed" and done.reason == "PodFailurePolicy" and status.failed == 1

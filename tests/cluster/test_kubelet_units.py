@@ -1,0 +1,91 @@
+"""The process kubelet's pure parts (e2e/cluster/kubelet.py) and its in-Pod shim, without a cluster:
+how a container's command, paths and environment become a local process's."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "e2e" / "cluster"))
+
+import kubelet  # noqa: E402  (e2e/cluster/kubelet.py)
+
+
+def test_images_map_to_their_dockerfile_entrypoints():
+    operator = {"image": "ghcr.io/kompressor/kompressor-operator:0.3.0", "args": ["--all-namespaces"]}
+    assert kubelet.container_argv(operator) == ["kompressor", "operator", "--all-namespaces"]
+    jobs = {"image": "registry.example/x/kompressor-jobs@sha256:abc"}
+    assert kubelet.container_argv(jobs) == ["kompressor", "--help"]
+    # A command replaces the entrypoint, args then follow it.
+    assert kubelet.container_argv({"image": "busybox", "command": ["sleep"], "args": ["5"]}) == ["sleep", "5"]
+    assert kubelet.image_repository("localhost:5000/a/b/kompressor-jobs:1.2@sha256:ff") == "kompressor-jobs"
+
+
+def test_variable_expansion_is_kubernetes_style():
+    env = {"A": "1", "B": "two"}
+    assert kubelet.expand("$(A)-$(B)", env) == "1-two"
+    assert kubelet.expand("$(MISSING) $$(A)", env) == "$(MISSING) $(A)"
+
+
+def test_pod_root_rewrites_paths_under_and_above_mounts(tmp_path):
+    claim, tmp_volume = tmp_path / "claim", tmp_path / "tmpvol"
+    claim.mkdir()
+    tmp_volume.mkdir()
+    root = kubelet.PodRoot(tmp_path / "root", {"/var/lib/kompressor/pvc/artifacts": claim, "/tmp": tmp_volume})
+    mapped = root.map_value("/var/lib/kompressor/pvc/artifacts/store/r1")
+    assert mapped == f"{tmp_path}/root/var/lib/kompressor/pvc/artifacts/store/r1"
+    # A parent of a mount (KOMPRESSOR_PVC_ROOT) lands in the root too, where the claim is a link.
+    parent = Path(root.map_value("/var/lib/kompressor/pvc"))
+    (claim / "f").write_text("x")
+    assert (parent / "artifacts" / "f").read_text() == "x"
+    assert root.map_value("--spec=/tmp/a.yaml") == f"--spec={tmp_path}/root/tmp/a.yaml"
+    # Paths outside every mount, relative values and "/" stay as they are.
+    for value in ("/usr/bin/python", "/tmpfoo", "builtin://digits", "/", "pvc://artifacts/x", "--port=8080"):
+        assert root.map_value(value) == value
+
+
+def _run_in_pod(code: str, env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(kubelet.SHIM_DIR), **env}, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_shim_binds_wildcard_addresses_to_the_pod_ip():
+    code = ("import socket; s = socket.socket(); s.bind(('0.0.0.0', 0)); "
+            "t = socket.socket(); t.bind(('127.0.0.1', 0)); print(s.getsockname()[0], t.getsockname()[0])")
+    assert _run_in_pod(code, {"PROCESS_KUBELET_POD_IP": "127.0.0.7"}).split() == ["127.0.0.7", "127.0.0.1"]
+    assert _run_in_pod(code, {}).split() == ["0.0.0.0", "127.0.0.1"]  # outside a Pod: untouched
+
+
+def test_shim_points_the_in_cluster_loader_at_the_pod_service_account(tmp_path):
+    folder = tmp_path / kubelet.SA_DIR.lstrip("/")
+    folder.mkdir(parents=True)
+    (folder / "token").write_text("the-token")
+    (folder / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    code = ("import json; from kubernetes import client, config; c = client.Configuration(); "
+            "config.load_incluster_config(client_configuration=c); "
+            "print(json.dumps([c.host, c.get_api_key_with_prefix('BearerToken')]))")
+    host, auth = json.loads(_run_in_pod(code, {
+        "PROCESS_KUBELET_POD_ROOT": str(tmp_path), "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": "6443"}))
+    assert (host, auth.strip()) == ("https://127.0.0.1:6443", "bearer the-token")
+
+
+@pytest.mark.parametrize("port,expected", [(8080, 8080), ("9090", 9090), ("http", 8080)])
+def test_probe_ports_resolve_by_name(port, expected):
+    assert kubelet._port(port, {"ports": [{"name": "http", "containerPort": 8080}]}) == expected
+
+
+def test_exit_codes_of_signalled_processes_are_128_plus_the_signal():
+    assert kubelet._exit_code(-15) == 143 and kubelet._exit_code(-9) == 137 and kubelet._exit_code(2) == 2
+
+
+@pytest.mark.parametrize("text,value", [("250m", 0.25), ("2Gi", 2 * 2**30), ("1", 1), (3, 3), ("1e3", 1000), ("5M", 5e6)])
+def test_quantities_parse_like_kubernetes(text, value):
+    assert kubelet.parse_quantity(text) == pytest.approx(value)
