@@ -1101,6 +1101,8 @@ class Kubelet:
                 await asyncio.sleep(1)
 
     def _pod_event(self, node: Node, kind: str, pod: dict) -> None:
+        if (pod.get("spec") or {}).get("nodeName") != node.name:
+            return  # (the field selector already says so; a server that ignores it must not make us run it)
         uid = pod["metadata"]["uid"]
         worker = self.workers.get(uid)
         if kind == "DELETED":

@@ -17,9 +17,11 @@ def select_device(requested: str, cuda_available: bool | None = None) -> str:
     if requested not in DEVICES:
         raise UserError(f"--device must be one of {', '.join(DEVICES)}, got {requested!r}")
     if cuda_available is None:
-        import torch
-
-        cuda_available = torch.cuda.is_available()
+        try:
+            import torch
+        except ImportError:  # an ONNX-only image quantizes and evaluates on the CPU
+            torch = None
+        cuda_available = torch is not None and torch.cuda.is_available()
     if requested == "cpu":
         return "cpu"
     if cuda_available:

@@ -36,18 +36,39 @@ def server(cluster, crd, api_client):
     validation (kubectl's default), the body sent as kubectl sends it (JSON without NaN)."""
     from kubernetes.client.exceptions import ApiException
 
+    from kubernetes import client
+
+    custom = client.CustomObjectsApi(api_client)
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
 
+    served: dict[str, set[str]] = {}
+
+    def kinds(api_version: str) -> set[str]:
+        """The kinds the real server's discovery serves at ``api_version`` (kubectl's REST mapping)."""
+        if api_version not in served:
+            out = cluster.kubectl("get", "--raw", f"/apis/{api_version}", check=False)
+            served[api_version] = ({r["kind"] for r in json.loads(out.stdout)["resources"]}
+                                   if out.returncode == 0 else set())
+        return served[api_version]
+
     def create(doc) -> tuple[bool, list[tuple[str, str]]]:
+        # kubectl maps apiVersion + kind to a resource with the server's discovery before sending anything
+        if not isinstance(doc, dict):
+            return False, [("", "the request body must be an object")]
+        if not doc.get("apiVersion") or not isinstance(doc["apiVersion"], str):
+            return False, [("apiVersion", "apiVersion not set")]
+        if not doc.get("kind"):
+            return False, [("kind", "kind not set")]
+        if doc["kind"] not in kinds(doc["apiVersion"]):
+            field = "kind" if kinds(doc["apiVersion"]) else "apiVersion"
+            return False, [(field, f"no matches for kind {doc['kind']!r} in version {doc['apiVersion']!r}")]
         try:
             body = json.dumps(doc, allow_nan=False)
         except ValueError as err:  # kubectl: "json: unsupported value: NaN"; nothing reaches the server
             return False, [("", f"json: unsupported value: {err}")]
-        path = f"/apis/kompressor.io/v1alpha1/namespaces/{NAMESPACE}/compressedmodels"
         try:
-            api_client.call_api(path, "POST", query_params=[("dryRun", "All"), ("fieldValidation", "Strict")],
-                                header_params={"Content-Type": "application/json", "Accept": "application/json"},
-                                body=json.loads(body), auth_settings=["BearerToken"], _preload_content=False)
+            custom.create_namespaced_custom_object("kompressor.io", "v1alpha1", NAMESPACE, "compressedmodels",
+                                                   json.loads(body), dry_run="All", field_validation="Strict")
         except ApiException as err:
             status = json.loads(err.body or "{}")
             causes = (status.get("details") or {}).get("causes") or []

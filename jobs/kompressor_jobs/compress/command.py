@@ -101,7 +101,6 @@ def versions() -> dict:
 def ensure_baseline(source: SourceModel, cache: Path, parity_batch: dict[str, np.ndarray]) -> tuple[Path, str]:
     """The uncompressed model as ONNX, exported once per source-model digest (an ONNX source is copied as it
     is). Returns (folder, sha256)."""
-    from kompressor_jobs.compress.export import check_parity, export_onnx
     from kompressor_jobs.runtime import io_signature
 
     folder = cache / source.digest[:16]
@@ -121,6 +120,8 @@ def ensure_baseline(source: SourceModel, cache: Path, parity_batch: dict[str, np
             shutil.copyfile(source.onnx_path, tmp / MODEL_FILE)
             parity = 0.0
         else:
+            from kompressor_jobs.compress.export import check_parity, export_onnx  # torch: not for ONNX sources
+
             export_onnx(source.module, source.inputs, tmp / MODEL_FILE, task=source.task, example=parity_batch)
             parity = check_parity(source.module, tmp / MODEL_FILE, parity_batch)
         write_manifest(tmp, {
@@ -144,8 +145,8 @@ def ensure_baseline(source: SourceModel, cache: Path, parity_batch: dict[str, np
 def compress(ctx: Context, config: CompressionSpec, sparsity: float, folder: Path) -> Candidate:
     """One candidate in ``folder``: the float graph (pruned, fine-tuned and exported; an ONNX source's own
     graph), then quantized as configured."""
-    from kompressor_jobs.compress.quantization import quantize
-    from kompressor_jobs.runtime import graph_sparsity, run, session
+    from kompressor_jobs.compress.quantization import CALIBRATION_ROWS, quantize_with_spec, transformer_config
+    from kompressor_jobs.runtime import graph_sparsity
 
     folder.mkdir(parents=True, exist_ok=True)
     if config.pruning.method == "none":
@@ -155,18 +156,19 @@ def compress(ctx: Context, config: CompressionSpec, sparsity: float, folder: Pat
         facts = _copy_onnx_source(ctx, fp32)
     else:
         facts = _prune_and_export(ctx, config, sparsity, fp32)
-    batch = ctx.eval.feed(0, PARITY_ROWS)
     # True zeros: the float graph's, before int8 rounding adds zeros of its own (evaluate reads this).
     facts["graphSparsity"] = round(graph_sparsity(fp32)[0], 6)
     if config.quantization.mode == "none":
         os.replace(fp32, folder / MODEL_FILE)
     else:
-        calibration = ctx.train.X[np.random.default_rng(0).permutation(len(ctx.train))]
-        quantize(fp32, folder / MODEL_FILE, config.quantization.mode, calibration)
-        agree = run(session(folder / MODEL_FILE, threads=1), batch).argmax(1) == run(
-            session(fp32, threads=1), batch).argmax(1)
-        facts["quantization"] = {"mode": config.quantization.mode, "top1AgreementWithFp32": float(agree.mean()),
-                                 "rows": len(batch)}
+        # Calibrated on training rows; fidelity judged on the whole validation split (never eval).
+        rows = np.random.default_rng(0).permutation(len(ctx.train))[:CALIBRATION_ROWS]
+        validation = ctx.validation if ctx.validation is not None else ctx.train
+        heads, hidden = transformer_config(ctx.source.path) if ctx.source.format == "huggingface" else (0, 0)
+        result = quantize_with_spec(fp32, folder / MODEL_FILE, config.quantization, ctx.train.subset(rows).inputs,
+                                    validation.inputs, task=ctx.source.task, kind=ctx.source.kind,
+                                    num_heads=heads, hidden_size=hidden)
+        facts["quantization"] = result.facts
         fp32.unlink()
         facts["quantizedZeroFraction"] = round(graph_sparsity(folder / MODEL_FILE)[0], 6)  # incl. rounding zeros
     log("compressed", sparsity=round(sparsity, 4), graph_sparsity=facts["graphSparsity"],
@@ -291,7 +293,8 @@ def _write_candidate_manifest(folder: Path, args, ctx: Context, train_uri: str, 
         "revision": args.revision, "role": "candidate", "createdAt": _now(),
         "resource": ctx.resource.key, "generation": ctx.resource.generation,
         "model": model_record(ctx.source),
-        "data": {"train": {"uri": train_uri, "sha256": ctx.train.digest, "rows": len(ctx.train)},
+        "data": {"train": {"uri": train_uri, "sha256": ctx.train.digest, "rows": len(ctx.train),
+                           "usedFor": "fine-tuning and INT8 calibration"},
                  "validation": ctx.validation_info,
                  "eval": {"uri": spec.data.eval, "sha256": ctx.eval.digest, "rows": len(ctx.eval),
                           "usedFor": "the gates only (the evaluate Job)"},

@@ -7,9 +7,9 @@
   input is fed in its own dtype (int64 token ids pass through untouched).
 - Fidelity: top-1 agreement (classification) or mean cosine similarity (regression, embedding) of the
   INT8 model with the float model on the whole validation split. Below ``min_agreement`` the node-wise
-  fallback runs, in the manner of NNCF's accuracy control: every quantized node is ranked by how much
-  the error against the float model drops when that node alone stays in float, then the most
-  sensitive nodes are kept in float (1, 2, 3, 4, 6, 8, ... nodes, then bisected down to the fewest
+  fallback runs, in the manner of NNCF's accuracy control: every quantized node is ranked by the error
+  against the float model when that node alone is quantized, then the most sensitive nodes are kept
+  in float (1, 2, 3, 4, 6, 9, ... nodes, then bisected down to the fewest
   that pass), up to ``max_fallback_nodes``.
 
 No torch here: an ONNX source is quantized and checked without it.
@@ -36,7 +36,13 @@ EVAL_BATCH = 256
 RANKING_ROWS = 300  # NNCF's default ranking subset size
 MAX_RANKED_NODES = 256  # nodes ranked one by one at most (the most expensive part of the fallback)
 PERCENTILE = 99.999  # onnxruntime's default for percentile calibration
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# spec calibration -> (onnxruntime CalibrationMethod, create_calibrator options)
+CALIBRATORS = {
+    "minmax": ("MinMax", {}),
+    "entropy": ("Entropy", {"num_bins": 2048, "num_quantized_bins": 128}),
+    "percentile": ("Percentile", {"num_bins": 2048, "percentile": PERCENTILE}),
+}
+CALIBRATION_METHODS = tuple(CALIBRATORS)
 FUSED_OPS = ("EmbedLayerNormalization", "Attention", "MultiHeadAttention", "Gelu", "FastGelu", "BiasGelu",
              "GemmFastGelu", "LayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
              "SkipSimplifiedLayerNormalization")
@@ -64,14 +70,13 @@ class QuantizationResult:
 
 def cpu_has_vnni() -> bool:
     """x86 CPUs without VNNI multiply u8 x s8 pairs with a saturating instruction (vpmaddubsw):
-    onnxruntime then recommends 7-bit weights (reduce_range). Non-x86 CPUs don't need it."""
+    onnxruntime then recommends 7-bit weights (reduce_range). Other CPUs don't need it."""
+    from kompressor_jobs.hardware import cpu_flags
+
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return True
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    flags = cpu_flags()
+    return not flags or bool({"avx512_vnni", "avx_vnni", "amx_int8"} & set(flags))
 
 
 def quantize_with_spec(fp32_path: Path, out_path: Path, spec, calibration: Mapping[str, np.ndarray],
@@ -96,8 +101,8 @@ def quantize(fp32_path: Path, out_path: Path, mode: str, calibration: Mapping[st
     (``kind == "transformer"`` or the graph's op pattern); ``num_heads``/``hidden_size`` 0: read from
     the graph. ``reduce_range`` None: 7-bit weights on x86 CPUs without VNNI. ``min_agreement`` 0 opts
     out of the fidelity floor (still measured and recorded). When even ``max_fallback_nodes`` float
-    nodes don't reach the floor, the most faithful model tried is written and
-    ``QuantizationFidelityError`` is raised (``raise_on_failure``) or ``passed`` is False."""
+    nodes don't reach the floor, ``QuantizationFidelityError`` is raised and nothing is written
+    (``raise_on_failure``), or the most faithful model tried is written with ``passed`` False."""
     import onnx
 
     if mode not in ("dynamic-int8", "static-int8"):
@@ -150,7 +155,8 @@ def quantize(fp32_path: Path, out_path: Path, mode: str, calibration: Mapping[st
                              "rows": _rows(validation), "against": "float model, whole validation split"}
         facts["nodesInFloat"] = kept
         facts["seconds"] = round(time.perf_counter() - started, 3)
-        best_path.replace(out_path)
+        if passed or not raise_on_failure:
+            best_path.replace(out_path)
     result = QuantizationResult(out_path, passed, facts)
     if not passed:
         tried = max((t["nodesInFloat"] for t in facts.get("fallback", {}).get("tried", [])), default=0)
@@ -259,6 +265,20 @@ def optimize_transformer(path: Path, out: Path, *, num_heads: int = 0, hidden_si
             "nodesBefore": sum(before.values()), "nodesAfter": len(graph.node)}
 
 
+def transformer_config(folder: Path) -> tuple[int, int]:
+    """(num_heads, hidden_size) from a Hugging Face folder's config.json; (0, 0) (read them from the
+    graph) when it has none."""
+    import json
+
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0, 0
+    heads = config.get("num_attention_heads") or config.get("n_head") or 0
+    hidden = config.get("hidden_size") or config.get("n_embd") or config.get("dim") or 0
+    return (int(heads), int(hidden)) if isinstance(heads, int) and isinstance(hidden, int) else (0, 0)
+
+
 def _attention_hidden_size(model) -> int:
     from onnx import numpy_helper
 
@@ -293,25 +313,48 @@ class _Quantizer:
         if mode == "static-int8" and _rows(calibration) == 0:
             raise UserError("static INT8 needs calibration rows: the training data is empty")
 
-    def run(self, out: Path, exclude: list[str]) -> None:
+    def run(self, out: Path, exclude: list[str] = (), only: list[str] | None = None) -> None:
+        """Quantize into ``out``: every node but ``exclude``, or only the nodes in ``only``."""
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
         self.runs += 1
         if self.mode == "dynamic-int8":
+            # Dynamic quantization first rewrites each Gemm "g" into MatMul "g_MatMul" + Add "g_Add", then
+            # applies nodes_to_exclude: a Gemm is kept in float under its MatMul's name.
+            exclude = [*exclude, *(f"{name}_MatMul" for name in exclude)]
+            only = None if only is None else [*only, *(f"{name}_MatMul" for name in only)]
             quantize_dynamic(str(self.prepared), str(out), per_channel=self.per_channel, reduce_range=self.reduce_range,
-                             weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+                             weight_type=QuantType.QInt8, nodes_to_exclude=exclude, nodes_to_quantize=only,
                              extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
             return
-        methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                   "percentile": CalibrationMethod.Percentile}
-        extra = {"CalibPercentile": PERCENTILE} if self.method == "percentile" else {}
-        reader = None if self.cache.is_file() else _Reader(self.calibration, _batch_size(self.prepared))
-        quantize_static(str(self.prepared), str(out), reader, quant_format=QuantFormat.QDQ,
+        if not self.cache.is_file():
+            self.calibrate()
+        quantize_static(str(self.prepared), str(out), None, quant_format=QuantFormat.QDQ,
                         per_channel=self.per_channel, reduce_range=self.reduce_range,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=list(exclude), calibrate_method=methods[self.method],
-                        calibration_cache_path=str(self.cache), extra_options=extra)
+                        nodes_to_exclude=list(exclude), nodes_to_quantize=only,
+                        calibrate_method=getattr(CalibrationMethod, CALIBRATORS[self.method][0]),
+                        calibration_cache_path=str(self.cache))
+
+    def calibrate(self) -> None:
+        """Activation ranges from the calibration rows, saved as onnxruntime's calibration cache.
+        Calibrated here rather than inside quantize_static, which cannot set the histogram sizes: its
+        entropy default (128 bins for 128 quantized bins) leaves one candidate threshold, the min-max
+        range. TensorRT's recipe is 2048 bins searched for 128 quantized bins."""
+        from onnxruntime.quantization import CalibrationMethod
+        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+        name, options = CALIBRATORS[self.method]
+        with tempfile.TemporaryDirectory(dir=self.cache.parent, prefix="calibrate-") as work:
+            calibrator = create_calibrator(
+                self.prepared, list(set(QLinearOpsRegistry) | set(QDQRegistry)),
+                augmented_model_path=str(Path(work) / "augmented.onnx"),
+                calibrate_method=getattr(CalibrationMethod, name), extra_options=dict(options))
+            calibrator.collect_data(_Reader(self.calibration, _batch_size(self.prepared)))
+            save_tensors_data(calibrator.compute_data(), self.cache)
+            del calibrator
 
 
 class _Reader:
@@ -411,17 +454,17 @@ def fallback_counts(limit: int) -> list[int]:
 
 
 def rank_nodes(q: _Quantizer, tmp: Path, candidates: list[str], reference: np.ndarray,
-               feeds: dict[str, np.ndarray], task: str, base_path: Path) -> list[tuple[str, float]]:
-    """(node, error drop) for each candidate, most sensitive first: the error against the float model
-    on the ranking rows with all nodes quantized, minus the error with that node alone kept in float."""
+               feeds: dict[str, np.ndarray], task: str) -> list[tuple[str, float]]:
+    """(node, error) for each candidate, most sensitive first: the error against the float model on the
+    ranking rows when that node alone is quantized. Measured alone, a sensitive node is not hidden by
+    another one that already ruins the output (as reverting one node at a time would be)."""
     rows = min(RANKING_ROWS, _rows(feeds))
     ref = reference[:rows]
-    base = output_error(ref, outputs(base_path, feeds, rows), task)
     path = tmp / "rank.onnx"
     scores = []
     for name in candidates[:MAX_RANKED_NODES]:
-        q.run(path, [name])
-        scores.append((name, base - output_error(ref, outputs(path, feeds, rows), task)))
+        q.run(path, only=[name])
+        scores.append((name, output_error(ref, outputs(path, feeds, rows), task)))
     scores.sort(key=lambda s: -s[1])
     return scores
 
@@ -430,7 +473,7 @@ def _fallback(attempt, q: _Quantizer, tmp: Path, quantized: list[str], reference
               validation: dict[str, np.ndarray], task: str, floor: float, max_nodes: int,
               best_path: Path, best_value: float):
     started = time.perf_counter()
-    ranking = rank_nodes(q, tmp, quantized, reference, validation, task, best_path)
+    ranking = rank_nodes(q, tmp, quantized, reference, validation, task)
     order = [name for name, _ in ranking]
     limit = min(max_nodes, len(order))
     tried: dict[int, float] = {0: best_value}
@@ -471,7 +514,7 @@ def _fallback(attempt, q: _Quantizer, tmp: Path, quantized: list[str], reference
         "ranking": {"rows": min(RANKING_ROWS, _rows(validation)),
                     "metric": "meanKlDivergence" if task == CLASSIFICATION else "relativeSquaredError",
                     "rankedNodes": len(ranking),
-                    "top": [{"node": n, "errorDrop": float(f"{s:.4g}")} for n, s in ranking[:10]]},
+                    "top": [{"node": n, "errorAloneQuantized": float(f"{s:.4g}")} for n, s in ranking[:10]]},
         "tried": [{"nodesInFloat": c, "value": round(float(v), 6)} for c, v in sorted(tried.items())],
         "quantizations": q.runs, "seconds": round(time.perf_counter() - started, 3),
     }

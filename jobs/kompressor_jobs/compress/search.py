@@ -112,18 +112,23 @@ def search(ctx, config: CompressionSpec, gates: GatesSpec, work: Path,
            compress: Callable[[Any, CompressionSpec, float, Path], Any], validation) -> SearchResult:
     """Probe sparsities with ``compress(ctx, config, sparsity, folder)``; judge each on ``validation``."""
     from kompressor_jobs.evaluate.gates import check_gates
-    from kompressor_jobs.evaluate.metrics import QUICK, measure
+    from kompressor_jobs.evaluate.metrics import QUICK, measure, measure_reference
 
     s = config.search
+    task = ctx.resource.spec.model.task
     lo, hi = min(s.min_sparsity, s.max_sparsity), max(s.min_sparsity, s.max_sparsity)
-    baseline = measure(ctx.baseline_dir / MODEL_FILE, validation, timing=QUICK)  # once, reused by every probe
+    # once, reused by every probe: its metrics and outputs (fidelity gates compare each probe's with them)
+    reference = measure_reference(ctx.baseline_dir / MODEL_FILE, validation, timing=QUICK, task=task)
+    baseline = reference.metrics
     runs: list[ProbeRun] = []
 
     def probe(sparsity: float) -> ProbeRun:
         i = len(runs)
         candidate = compress(ctx, config, sparsity, work / f"probe-{i}")
-        metrics = measure(candidate.model, validation, baseline_size=baseline.size_bytes, timing=QUICK)
-        run = ProbeRun(i, sparsity, candidate, metrics, check_gates(gates, metrics, baseline))
+        facts = getattr(candidate, "facts", None) or {}
+        metrics = measure(candidate.model, validation, timing=QUICK, task=task, reference=reference,
+                          true_zero_fraction=facts.get("graphSparsity") if "quantizedZeroFraction" in facts else None)
+        run = ProbeRun(i, sparsity, candidate, metrics, check_gates(gates, metrics, baseline, task=task))
         runs.append(run)
         bar.advance(sparsity=sparsity, passed=run.passed, accuracy=metrics.accuracy)
         return run

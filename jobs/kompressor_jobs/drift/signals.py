@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from kompressor.api.manifest import CompressedModel
-from kompressor.api.spec import CategoricalFeature, DriftSpec
+from kompressor.api.spec import DriftSpec
 from kompressor.errors import UserError
 from kompressor_jobs import capture
 
@@ -113,9 +113,11 @@ def prepare_signal(cm: CompressedModel, args) -> Signal:
                         "the reference outputs")
     ref = model_outputs(artifact, data.inputs)
     if name == "outputs" and cm.spec.model.task == "classification":
-        k = ref.shape[1]
-        if spec.detector == "chisquare":  # one categorical feature: the predicted class
-            drift_spec = dataclasses.replace(spec, categorical_features=[CategoricalFeature(feature=0, categories=k)])
+        if spec.detector == "chisquare":
+            # One categorical feature, the predicted class. Its categories are taken from the reference's and the
+            # window's classes (Alibi's ChiSquareDrift without categories_per_feature): a class neither predicts
+            # would be an empty column of the contingency table, which chi-square cannot test.
+            drift_spec = dataclasses.replace(spec, categorical_features=[])
             return Signal(name, predicted_classes(ref), uri, drift_spec, "outputs", predicted_classes)
         drift_spec = dataclasses.replace(spec, categorical_features=[])
         return Signal(name, softmax(ref), uri, drift_spec, "outputs", softmax)

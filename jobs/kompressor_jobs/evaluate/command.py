@@ -251,7 +251,8 @@ def model_card_markdown(card: dict) -> str:
         "",
         f"- Pruning: {json.dumps(cfg.get('pruning'))}",
         f"- Quantization: {json.dumps(cfg.get('quantization'))}",
-        f"- Achieved: sparsity {m.get('sparsity')} of the baseline's weights removed or zero (zeros in the graph "
+        f"- Achieved: sparsity {m.get('sparsity')} of the baseline's weights removed or zero (structured: "
+        f"{ach.get('structuredSparsity')} of the parameters removed; zeros in the float graph "
         f"{ach.get('graphSparsity')}), parameters {ach.get('parametersBefore')} -> "
         f"{ach.get('parametersAfter')}, ONNX parity max |diff| {ach.get('parityMaxAbsDiff')}",
     ]

@@ -147,9 +147,6 @@ def check_gates(spec: GatesSpec, metrics: Metrics, baseline: Metrics | None, *, 
             result.default = True
             result.message = f"{result.message} ({DEFAULT_NOTE})"
             results.append(result)
-    int8 = _int8_fidelity(manifest, int8_min_agreement)
-    if int8 is not None:
-        results.append(int8)
     for gate in spec.slices:
         name = f"slices[{gate.name}].minAccuracy"
         if task != "classification":
@@ -170,4 +167,7 @@ def check_gates(spec: GatesSpec, metrics: Metrics, baseline: Metrics | None, *, 
             continue
         results.append(_judge(name, got.accuracy, gate.min_accuracy, False,
                               f"accuracy on slice {gate.name!r} ({samples} rows)"))
+    int8 = _int8_fidelity(manifest, int8_min_agreement)
+    if int8 is not None:
+        results.append(int8)
     return Gates(passed=all(r.outcome == SUCCESSFUL for r in results), results=results)

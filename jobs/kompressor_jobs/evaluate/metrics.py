@@ -340,8 +340,8 @@ def _assemble(model_path: Path, sess, data, task: str, outputs: np.ndarray, lat:
     metrics = Metrics(
         **{k: (round(v, 6) if isinstance(v, float) and np.isfinite(v) else (None if isinstance(v, float) else v))
            for k, v in values.items()},
-        latency_p50_ms=round(p50, 4), latency_p95_ms=round(p95, 4), latency_p99_ms=round(p99, 4),
-        latency_p95_upper_ms=round(upper, 4) if upper is not None else None,
+        latency_p50_ms=round(p50, 6), latency_p95_ms=round(p95, 6), latency_p99_ms=round(p99, 6),
+        latency_p95_upper_ms=round(upper, 6) if upper is not None else None,
         latency_runs=len(lat), latency_threads=int(threads), throughput_rps=round(rps, 1),
         throughput_batch=THROUGHPUT_BATCH,
         size_bytes=size, size_ratio=round(size / baseline_size, 6) if baseline_size else None,

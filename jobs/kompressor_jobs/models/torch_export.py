@@ -121,6 +121,15 @@ def rebuild_module(program) -> torch.fx.GraphModule:
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
             continue
+        if node.op == "call_function" and node.target == torch.ops.aten.sym_size.int:
+            # x.size(d) rather than aten.sym_size: the ONNX exporter's tracer records a method call as a Shape
+            # op (the batch stays dynamic) but bakes an aten.sym_size result in as a constant.
+            with graph.inserting_before(node):
+                size = graph.call_method("size", tuple(node.args))
+            size.meta = dict(node.meta)
+            node.replace_all_uses_with(size)
+            graph.erase_node(node)
+            continue
         if node.op != "call_function" or not (node.target == torch.ops.aten.linear.default or node.target in _CONV):
             continue
         args = list(node.args)
@@ -134,7 +143,8 @@ def rebuild_module(program) -> torch.fx.GraphModule:
         if node.target == torch.ops.aten.linear.default:
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
         else:
-            stride, padding, dilation, groups = (args[3:] + [1, 0, 1, 1][len(args) - 3:])[:4]
+            given = args[3:]  # conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+            stride, padding, dilation, groups = (given + [1, 0, 1, 1][len(given):])[:4]
             if isinstance(padding, str):
                 continue
             layer = _CONV[node.target](weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
@@ -152,11 +162,38 @@ def rebuild_module(program) -> torch.fx.GraphModule:
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    _dynamic_shapes_as_methods(graph)
     graph.eliminate_dead_code()
     # A fresh GraphModule: the one ep.module() returns refuses train()/eval().
     rebuilt = torch.fx.GraphModule(gm, graph)
     rebuilt.delete_all_unused_submodules()
     return modularize(rebuilt).eval()
+
+
+def _dynamic_shapes_as_methods(graph: torch.fx.Graph) -> None:
+    """``aten.view(x, [batch, 32])`` -> ``x.view([batch, 32])`` (and ``aten.full([batch, 32], ...)`` ->
+    ``torch.full``) wherever a size list holds a graph value: the ONNX exporter's tracer keeps sizes passed to
+    Tensor methods and torch functions dynamic, but bakes those passed to aten overloads in as constants (a graph
+    exported at batch 2 would then refuse any other batch size)."""
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        lists = [a for a in node.args if isinstance(a, (list, tuple))]
+        if not any(isinstance(x, torch.fx.Node) for lst in lists for x in lst):
+            continue
+        name = node.target._schema.name.split("::")[-1]
+        first_is_tensor = bool(node.args) and isinstance(node.args[0], torch.fx.Node) and isinstance(
+            node.args[0].meta.get("val"), torch.Tensor)
+        with graph.inserting_before(node):
+            if first_is_tensor and hasattr(torch.Tensor, name):
+                new = graph.call_method(name, tuple(node.args), dict(node.kwargs))
+            elif not first_is_tensor and hasattr(torch, name):
+                new = graph.call_function(getattr(torch, name), tuple(node.args), dict(node.kwargs))
+            else:
+                continue
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
 
 
 def _is_param(gm: nn.Module, target: str) -> bool:

@@ -187,9 +187,13 @@ class QuantizationSpec:
 
 @dataclass
 class SearchSpec:
-    """Accuracy-aware search: find the largest sparsity that passes every gate."""
+    """Accuracy-aware search: find the largest sparsity that passes every gate. Probes are judged on the
+    validation split (never on eval): a grid from maxSparsity down, stopping at its first pass, then refined
+    above it (accuracy need not fall steadily with sparsity). The sparsest passing probe is kept and the other
+    passing probes too; the evaluate Job gates it on eval, and when eval disagrees it tries the next passing
+    probe (the status and the model card say how many touched the eval data)."""
 
-    enabled: bool = api_field("Bisect over sparsity instead of using pruning.sparsity.", default=False)
+    enabled: bool = api_field("Search the sparsity instead of using pruning.sparsity.", default=False)
     min_sparsity: float = api_field("Lower end of the searched sparsity range.",
                                     default=d.SEARCH_MIN_SPARSITY, minimum=0.0, maximum=0.99)
     max_sparsity: float = api_field("Upper end of the searched sparsity range.",

@@ -34,9 +34,9 @@ class ModelRecord:
     reports: dict[int, dict]  # revision -> metrics.json
     verdicts: list[dict]
     events: list[dict]
-    serving_windows: list[dict] = field(default_factory=list)  # every verdict the watcher wrote (one per window)
     serving: list[dict]
     cards: dict[int, Path] = field(default_factory=dict)
+    serving_windows: list[dict] = field(default_factory=list)  # every verdict the watcher wrote (one per window)
 
     @property
     def key(self) -> str:
