@@ -71,13 +71,18 @@ def configs_for(model: str) -> list[Config]:
     return out
 
 
-def paired_p50(base_path: Path, cand_path: Path, data, runs: int = 1800) -> tuple[float, float]:
-    """p50 batch-1 latency (ms) of baseline and candidate, timed in alternating blocks in one process."""
+def paired_p50(base_path: Path, cand_path: Path, data, runs: int = 1800, budget_s: float = 30.0) -> tuple[float, float]:
+    """p50 batch-1 latency (ms) of baseline and candidate, timed in alternating blocks in one process: ``runs``
+    each, fewer (at least 200) when that would take more than ``budget_s`` (a transformer at 30-60 ms a run)."""
     from kompressor_jobs.evaluate.metrics import Timing, timed_latencies
     from kompressor_jobs.runtime import session
 
-    times = timed_latencies([session(base_path, threads=1), session(cand_path, threads=1)], data,
-                            Timing(warmup=50, latency_runs=runs, throughput_batches=1), block=300)
+    sessions = [session(base_path, threads=1), session(cand_path, threads=1)]
+    probe = timed_latencies(sessions, data, Timing(warmup=5, latency_runs=10, throughput_batches=1), block=10)
+    per_run_s = float(sum(np.median(t) for t in probe)) / 1000.0
+    runs = int(max(200, min(runs, budget_s / max(per_run_s, 1e-9))))
+    block = max(20, runs // 6)
+    times = timed_latencies(sessions, data, Timing(warmup=20, latency_runs=runs, throughput_batches=1), block=block)
     return float(np.percentile(times[0], 50)), float(np.percentile(times[1], 50))
 
 

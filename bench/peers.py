@@ -144,6 +144,7 @@ class Bench:
         self.name, self.source, self.work = name, source, work
         self.train, self.validation, self.eval = train, validation, evaluation
         work.mkdir(parents=True, exist_ok=True)
+        self._accuracy: dict[Path, float] = {}
         self.base = work / "baseline.onnx"
         export_onnx(source.module, source.inputs, self.base, task=source.task, example=train.feed(0, 2))
         self.base_eval = self.accuracy(self.base)
@@ -154,7 +155,9 @@ class Bench:
         from kompressor_jobs.evaluate.metrics import predict
         from kompressor_jobs.runtime import session
 
-        return float((predict(session(path, threads=1), self.eval).argmax(1) == self.eval.y).mean())
+        if path not in self._accuracy:
+            self._accuracy[path] = float((predict(session(path, threads=1), self.eval).argmax(1) == self.eval.y).mean())
+        return self._accuracy[path]
 
     def tuner(self, epochs: int, seed: int, distillation: bool):
         from kompressor_jobs.compress.finetune import FineTuneConfig, FineTuner, default_learning_rate

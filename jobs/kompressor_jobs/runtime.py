@@ -26,12 +26,22 @@ def cpu_quantity(value) -> float | None:
         return None
 
 
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
+
+
 def cgroup_cpu_limit(cpu_max: Path | None = None) -> float | None:
-    """The CPU limit this process runs under (cgroup v2 ``cpu.max``: "<quota> <period>" or "max ...")."""
+    """The CPU limit this process runs under: cgroup v2 ``cpu.max`` ("<quota> <period>" or "max <period>"),
+    else cgroup v1 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (-1: none)."""
     cpu_max = CGROUP_CPU_MAX if cpu_max is None else cpu_max
     try:
         quota, period = cpu_max.read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((CGROUP_V1_CPU / "cpu.cfs_quota_us").read_text())
+        period = int((CGROUP_V1_CPU / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
     except (OSError, ValueError):
         return None
 

@@ -96,3 +96,12 @@ class Jobs:
 @pytest.fixture
 def jobs(capsys, tmp_path):
     return Jobs(capsys, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def text_models(job_env):
+    """The pretrained MiniLM topic classifier as a Hugging Face folder, a .pt2 and an .onnx, with its tokenized
+    data (tests/support/text_models.py); built once and cached under KOMPRESSOR_CACHE."""
+    from support.text_models import text_models as build
+
+    return build(Path(job_env["KOMPRESSOR_CACHE"]) / "test-fixtures")

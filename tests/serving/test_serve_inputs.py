@@ -186,3 +186,21 @@ def test_the_embedded_oip_client_sends_several_inputs_in_their_datatypes(multi):
     assert result.datatypes == {"outputs": "FP32", "tokens": "INT64"}
     np.testing.assert_array_equal(np.asarray(result.tensors["outputs"], np.float32), expected["outputs"])
     np.testing.assert_array_equal(np.asarray(result.tensors["tokens"], np.int64), expected["tokens"])
+
+
+def test_the_server_pins_threads_by_the_same_rule_as_the_evaluation(multi, tmp_path, monkeypatch):
+    """The server's ONNX Runtime threads follow its Pod's CPU limit (cgroup), as the evaluation Job's latency
+    measurement does for spec.serving.resources.limits.cpu: one rule (kompressor_jobs.runtime.ort_threads)."""
+    from kompressor_jobs import runtime
+    from kompressor_jobs.serve.model import LoadedModel
+
+    _, artifact = multi
+    monkeypatch.delenv("KOMPRESSOR_ORT_THREADS", raising=False)
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("250000 100000\n")  # a 2.5-CPU limit
+    monkeypatch.setattr(runtime, "CGROUP_CPU_MAX", cpu_max)
+    model = LoadedModel(artifact)
+    assert model.threads == 2 == model.session.get_session_options().intra_op_num_threads
+    assert runtime.ort_threads("2500m", env={}, own_cgroup=False) == model.threads
+    monkeypatch.setenv("KOMPRESSOR_ORT_THREADS", "1")
+    assert LoadedModel(artifact).session.get_session_options().intra_op_num_threads == 1

@@ -161,13 +161,15 @@ def compress(ctx: Context, config: CompressionSpec, sparsity: float, folder: Pat
     if config.quantization.mode == "none":
         os.replace(fp32, folder / MODEL_FILE)
     else:
-        # Calibrated on training rows; fidelity judged on the whole validation split (never eval).
+        # Calibrated on training rows; fidelity judged on the whole validation split (never eval). When even the
+        # node-wise fallback misses minAgreement, the candidate is kept with fidelity.passed false: the
+        # quantization.minAgreement gate rejects it (a search probe fails like any other).
         rows = np.random.default_rng(0).permutation(len(ctx.train))[:CALIBRATION_ROWS]
         validation = ctx.validation if ctx.validation is not None else ctx.train
         heads, hidden = transformer_config(ctx.source.path) if ctx.source.format == "huggingface" else (0, 0)
         result = quantize_with_spec(fp32, folder / MODEL_FILE, config.quantization, ctx.train.subset(rows).inputs,
                                     validation.inputs, task=ctx.source.task, kind=ctx.source.kind,
-                                    num_heads=heads, hidden_size=hidden)
+                                    num_heads=heads, hidden_size=hidden, raise_on_failure=False)
         facts["quantization"] = result.facts
         fp32.unlink()
         facts["quantizedZeroFraction"] = round(graph_sparsity(folder / MODEL_FILE)[0], 6)  # incl. rounding zeros

@@ -28,6 +28,15 @@ from kompressor.errors import UserError
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 IMPORTANCES = ("magnitude", "taylor")
 _VIEW_OPS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _is_view(node: fx.Node) -> bool:
+    """aten.view/reshape(x, [sizes]) or x.view/reshape([sizes]) (models.rebuild_module turns aten calls whose
+    sizes hold graph values into method calls, for the ONNX exporter)."""
+    if node.op == "call_function" and node.target in _VIEW_OPS:
+        return True
+    return (node.op == "call_method" and node.target in ("view", "reshape") and len(node.args) == 2
+            and isinstance(node.args[1], (list, tuple)))
 _SUGGESTION = ("use compression.pruning.method unstructured or global (which keep every tensor's shape), or "
                "method none with quantization alone")
 
@@ -196,6 +205,7 @@ def _structured(result: PruneResult, sparsity: float, fine_tune: FineTune | None
             if fine_tune is None or not hasattr(fine_tune, "accumulate_gradients"):
                 raise ValueError("taylor importance needs a fine-tuner to compute gradients")
             fine_tune.accumulate_gradients(module)
+        _set_head_ratio(pruner, attention, step, schedule[step - 1])
         rows = head_rows(attention)
         _step(pruner, module)
         module.zero_grad(set_to_none=True)
@@ -209,6 +219,17 @@ def _structured(result: PruneResult, sparsity: float, fine_tune: FineTune | None
                    f"fine-tuning (step {step}/{steps}, channel ratio {schedule[step - 1]:.3f})")
     result.attention = {"before": before, "after": attention_sizes(module, attention)} if attention else {}
     result.module = module.eval()
+
+
+def _set_head_ratio(pruner, attention: list[Attention], step: int, target: float) -> None:
+    """Torch-Pruning removes ceil(ratio * current heads) per step, counted from the heads left, not the original
+    ones: set the step's ratio so that ceil(target * original) heads are gone after it (at least one stays)."""
+    if not attention:
+        return
+    a = attention[0]
+    alive = max(1, a.original - math.ceil(target * a.original - 1e-9))
+    remove = max(0, a.heads - alive)
+    pruner.per_step_head_pruning_ratio[step] = (remove - 0.5) / a.heads if remove else 0.0
 
 
 def _step(pruner, module: nn.Module) -> None:
@@ -394,7 +415,7 @@ def _fx_attention(gm: fx.GraphModule) -> list[Attention]:
         if not isinstance(layer, nn.Linear):
             continue
         for user in node.users:
-            if user.op == "call_function" and user.target in _VIEW_OPS:
+            if _is_view(user):
                 shape = user.args[1]
                 if (len(shape) >= 2 and all(isinstance(s, int) for s in shape[-2:]) and shape[-2] > 1
                         and shape[-2] * shape[-1] == layer.out_features):
@@ -500,7 +521,7 @@ def repair_views(gm: fx.GraphModule, example: tuple) -> int:
     class Repair(fx.Interpreter):
         def run_node(self, n):
             nonlocal changed
-            if n.op == "call_function" and n.target in _VIEW_OPS:
+            if _is_view(n):
                 args, _ = self.fetch_args_kwargs_from_env(n)
                 x, shape = args[0], list(args[1])
                 fixed = _fixed_shape(list(x.shape), shape, list(n.args[1]))

@@ -39,7 +39,7 @@ PERCENTILE = 99.999  # onnxruntime's default for percentile calibration
 # spec calibration -> (onnxruntime CalibrationMethod, create_calibrator options)
 CALIBRATORS = {
     "minmax": ("MinMax", {}),
-    "entropy": ("Entropy", {"num_bins": 2048, "num_quantized_bins": 128}),
+    "entropy": ("Entropy", {"num_bins": 512, "num_quantized_bins": 128}),
     "percentile": ("Percentile", {"num_bins": 2048, "percentile": PERCENTILE}),
 }
 CALIBRATION_METHODS = tuple(CALIBRATORS)
@@ -341,7 +341,8 @@ class _Quantizer:
         """Activation ranges from the calibration rows, saved as onnxruntime's calibration cache.
         Calibrated here rather than inside quantize_static, which cannot set the histogram sizes: its
         entropy default (128 bins for 128 quantized bins) leaves one candidate threshold, the min-max
-        range. TensorRT's recipe is 2048 bins searched for 128 quantized bins."""
+        range. Here 512 bins are searched for 128 quantized bins (TensorRT's recipe uses 2048: four
+        times the search, in Python, for thresholds a quarter-bin finer)."""
         from onnxruntime.quantization import CalibrationMethod
         from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
         from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry

@@ -215,12 +215,13 @@ def fallbacks(folder: Path) -> list[tuple[float, Path]]:
 
 
 def confirm_on_eval(candidate_dir: Path, manifest: dict, metrics: Metrics, gates: Gates, artifact,
-                    measure: Callable[[Path], Metrics], judge: Callable[[Metrics], Gates]):
+                    measure: Callable[[Path], Metrics], judge: Callable[[Metrics, dict], Gates]):
     """The evaluate Job's half of the search: ``metrics``/``gates`` are the kept candidate's, measured on
     eval. When eval disagrees with validation (the candidate passed there and fails here), the next passing
     probe is measured on eval, and so on, until one passes or none is left. Returns
     ``(metrics, gates, artifact, manifest, report)`` of the candidate to record; ``report`` says how many
-    probes touched the eval data and which disagreed."""
+    probes touched the eval data and which disagreed. ``measure(folder)`` measures an artifact folder on eval;
+    ``judge(metrics, manifest)`` checks the gates."""
     from kompressor.api.status import Artifact
     from kompressor.store import verify_artifact
 
@@ -237,7 +238,7 @@ def confirm_on_eval(candidate_dir: Path, manifest: dict, metrics: Metrics, gates
     for sparsity, folder in fallbacks(candidate_dir):
         alt_manifest = verify_artifact(folder)
         alt_metrics = measure(folder)
-        alt_gates = judge(alt_metrics)
+        alt_gates = judge(alt_metrics, alt_manifest)
         report["probesOnEval"] += 1
         if alt_gates.passed:
             report.update(chosenSparsity=sparsity, fellBack=True, artifact=str(folder.relative_to(candidate_dir)))

@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
             candidate_dir, manifest, metrics, gates, artifact,
             lambda path: measure(path / MODEL_FILE, data, task=task, reference=reference, threads=threads,
                                  true_zero_fraction=true_zeros(verify_artifact(path))),
-            lambda m: judge(m, manifest))
+            judge)
     report = EvalReport(
         metrics=metrics, gates=gates, artifact=artifact,
         baseline_artifact=baseline_artifact, baseline_metrics=baseline_metrics,

@@ -87,8 +87,8 @@ def resolve_onnx_inputs(uri: str, model, declared: list[InputSpec] | None) -> li
         shape = dims[1:]
         if len(shape) != len(spec.shape) or any(isinstance(g, int) and g > 0 and g != w
                                                 for g, w in zip(shape, spec.shape)):
-            raise UserError(f"{uri}: the ONNX model's input {spec.name} has shape {dims} (batch first), but "
-                            f"spec.model.inputs says [batch, {', '.join(map(str, spec.shape))}]")
+            raise UserError(f"{uri}: the ONNX model's input {spec.name} takes samples of shape {shape} (graph "
+                            f"shape {dims}, batch first), but spec.model.inputs says {list(spec.shape)}")
     order = {n: i for i, n in enumerate(graph_names)}
     return sorted(declared, key=lambda i: order[i.name])
 
