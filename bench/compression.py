@@ -294,6 +294,7 @@ def main() -> int:
     parser.add_argument("--finetune-timing", action="store_true", help="time fine-tuning on CPU vs CUDA")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=SEEDS, help="fine-tuning seeds per configuration")
+    parser.add_argument("--minilm-seeds", type=int, default=None, help="--peers: seeds for MiniLM (default --seeds)")
     parser.add_argument("--peers", action="store_true", help="issue 10 item 12: digits-resnet and MiniLM against "
                         "onnxruntime.quantization, Optimum's ORTQuantizer and Torch-Pruning's example recipe")
     args = parser.parse_args()
@@ -309,7 +310,7 @@ def main() -> int:
     if args.peers:
         from peers import run_peers  # bench/peers.py
 
-        text = run_peers(seeds=args.seeds)
+        text = run_peers(seeds=args.seeds, minilm_seeds=args.minilm_seeds)
         print(text)
         if args.write_docs:
             write_section(DOC, text, PEERS_BEGIN, PEERS_END)

@@ -186,7 +186,7 @@ def serving_start(folder: str | Path, revision: int | None) -> int:
     """Capture sequence where the newest serving stint of ``revision`` starts: its rows before it were served
     before a promotion or rollback to another revision. 0 when no stint is marked (everything counts)."""
     start = 0
-    for seg, first in _numbered(list_segments(folder)):
+    for seg, first in numbered_segments(list_segments(folder)):
         if seg.starts_serving and (revision is None or seg.revision == revision):
             start = first
     return start
@@ -196,7 +196,7 @@ def read_rows(folder: str | Path, revision: int | None, start: int, signal: str 
     """The rows of ``revision`` (any when None) with capture sequence >= ``start``, oldest first. ``signal``
     ``inputs`` reads the request inputs; anything else the model outputs (rows captured without outputs
     are left out)."""
-    segments = _numbered(list_segments(folder))
+    segments = numbered_segments(list_segments(folder))
     values: list[np.ndarray] = []
     sequences: list[np.ndarray] = []
     dropped = max(0, segments[0][1] - start) if segments else 0  # deleted by the size cap, never read
@@ -233,7 +233,7 @@ def read_rows(folder: str | Path, revision: int | None, start: int, signal: str 
     return Rows(joined, np.concatenate(sequences), dropped, end)
 
 
-def _numbered(segments: list[Segment]) -> list[tuple[Segment, int]]:
+def numbered_segments(segments: list[Segment]) -> list[tuple[Segment, int]]:
     """Each segment with the capture sequence of its first row (counted for segments named without it)."""
     out, running = [], 0
     for i, seg in enumerate(segments):
@@ -268,7 +268,7 @@ class CaptureWriter:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         existing = list_segments(self.folder)
         self._next_seq = existing[-1].seq + 1 if existing else 0
-        numbered = _numbered(existing)
+        numbered = numbered_segments(existing)
         self._next_row = numbered[-1][1] + rows_in_segment(existing[-1].path) if existing else 0
         # the revision serving when this writer starts: of the newest stint, else of the newest segment
         starts = [seg for seg in existing if seg.starts_serving]
@@ -297,7 +297,7 @@ class CaptureWriter:
 
     def start_serving(self, revision: int) -> None:
         """The server (re)started serving ``revision`` (at its start, or a hot swap). When that is another
-        revision than the capture's newest, a new serving stint starts: an empty ``-s`` segment, written in
+        revision than the one serving before, a new serving stint starts: an empty ``-s`` segment, written in
         order with the rows queued before and after, so that even a stint without traffic is on disk."""
         self._queue.put((_START_SERVING, revision), timeout=10)  # never dropped: the stint boundary matters
 

@@ -67,6 +67,10 @@ def test_the_examples_cover_the_documented_scenarios():
         "accuracy-aware search": lambda s: s.compression.search.enabled,
         "approval required": lambda s: s.promotion.require_approval,
         "own model with slice gates": lambda s: not s.model.uri.startswith("builtin://") and s.gates.slices,
+        "gpu resnet": lambda s: s.jobs.gpu >= 1 and s.model.uri == "builtin://digits-resnet",
+        "hugging face text classifier on a pvc": lambda s: (s.model.uri.startswith("pvc://")
+                                                            and s.model.format == "huggingface"
+                                                            and [i.dtype for i in s.model.inputs] == ["int64"] * 2),
     }
     missing = [name for name, shows in scenarios.items() if not any(shows(s) for s in specs)]
     assert missing == []

@@ -25,9 +25,16 @@ def test_demo_rolls_back_on_drift_and_writes_a_self_contained_report(tmp_path, j
     compressed = next(r for r in status["revisions"] if r["revision"] == 1)
     assert compressed["gates"]["passed"] and compressed["metrics"]["sparsity"] >= 0.5
 
-    verdicts = [json.loads(line) for line in (workdir / "default" / "digits" / "drift.jsonl").read_text().splitlines()]
-    outcomes = [(v["revision"], v["outcome"]) for v in verdicts]
+    model_dir = workdir / "default" / "digits"
+    copied = [json.loads(line) for line in (model_dir / "drift.jsonl").read_text().splitlines()]
+    assert (1, "Drift") in [(v["revision"], v["outcome"]) for v in copied]  # what status.drift said: acted on
+    # every window the watchers tested: disjoint and in order within each revision's serving stint
+    windows = [json.loads(line) for line in (model_dir / "verdict.history.jsonl").read_text().splitlines()]
+    outcomes = [(v["revision"], v["outcome"]) for v in windows]
     assert (1, "NoDrift") in outcomes and (1, "Drift") in outcomes and (0, "NoDrift") in outcomes
+    for revision in (0, 1):
+        firsts = [v["firstSequence"] for v in windows if v["revision"] == revision and v.get("firstSequence") is not None]
+        assert firsts == sorted(set(firsts)) and all(b - a >= 100 for a, b in zip(firsts, firsts[1:]))
 
     record = json.loads((workdir / "demo.json").read_text())
     assert [m["label"] for m in record["marks"]][0] == "shifted traffic starts"
@@ -35,7 +42,7 @@ def test_demo_rolls_back_on_drift_and_writes_a_self_contained_report(tmp_path, j
 
     html = (workdir / "report.html").read_text()
     plots = re.findall(r"src='data:image/png;base64,([^']+)'", html)
-    assert len(plots) == 3  # probes, drift p-values, revision timeline
+    assert len(plots) == 4  # probes, gains vs the baseline, drift p-values, revision timeline
     assert all(base64.b64decode(p).startswith(b"\x89PNG\r\n\x1a\n") for p in plots)
     assert not re.search(r"""(src|href)=['"](https?:)?//""", html)  # nothing fetched from elsewhere
     for text in ("Gate verdicts", "maxAccuracyDrop", "RolledBack", "shifted traffic"):

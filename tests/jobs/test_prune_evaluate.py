@@ -218,7 +218,7 @@ def test_baseline_is_exported_once_per_source_digest(jobs, write_spec):
     _, second, _ = jobs.prune_and_evaluate(spec, "r2")
     assert second["baseline"] == first["baseline"]
     assert (baseline / "model.onnx").stat().st_mtime_ns == stamp
-    assert baseline.name == first["model"]["sha256"][:16]
+    assert baseline.name.startswith(first["model"]["sha256"][:16])
     # a damaged baseline is rebuilt rather than trusted
     (baseline / "model.onnx").write_bytes(b"damaged")
     _, third, _ = jobs.prune_and_evaluate(spec, "r3")

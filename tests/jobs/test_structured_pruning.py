@@ -184,12 +184,14 @@ def _tokens(n=8, seq=10, vocab=50):
     return ids * mask, mask
 
 
-def test_structured_pruning_of_an_exported_transformer_removes_whole_heads_and_ffn_channels():
+@pytest.mark.parametrize("schedule, steps", [("oneshot", 1), ("gradual", 3)])
+def test_structured_pruning_of_an_exported_transformer_removes_whole_heads_and_ffn_channels(schedule, steps):
     torch.manual_seed(0)
     ids, mask = _tokens()
     gm = exported(TinyTransformer(), ids[:2], mask[:2])
     embedding = next(m for m in gm.modules() if isinstance(m, nn.Embedding))
-    result = prune_model(copy.deepcopy(gm), "structured", 0.5, example=(ids[:2], mask[:2]))
+    result = prune_model(copy.deepcopy(gm), "structured", 0.5, schedule=schedule, steps=steps,
+                         example=(ids[:2], mask[:2]))
 
     att = result.attention
     assert att["before"]["heads"] == [4, 4] and att["after"]["heads"] == [2, 2]

@@ -120,3 +120,22 @@ def test_spec_configmap_is_the_manifest_the_jobs_load(tmp_path):
     [loaded] = load_manifests(path)
     assert (loaded.name, loaded.namespace, loaded.generation) == ("digits", "default", 3)
     assert loaded.spec == cm.spec
+
+
+def test_a_job_failed_by_its_pod_failure_policy_is_bad_input():
+    """The Job controller's reason PodFailurePolicy: the FailJob rule (exit 2) matched; BackoffLimitExceeded is
+    an ordinary failure after the retries."""
+    from kompressor.k8s.observe import job_state
+
+    labels = {d.LABEL_COMPONENT: "prune", d.LABEL_REVISION: "1", f"{d.GROUP}/generation": "1"}
+
+    def failed(reason, message):
+        return job_state("m-r1-g1-prune", labels, {"failed": 1, "startTime": "2026-12-01T10:00:00Z", "conditions": [
+            {"type": "Failed", "status": "True", "reason": reason, "message": message,
+             "lastTransitionTime": "2026-12-01T10:01:00Z"}]})
+
+    bad = failed("PodFailurePolicy", "Container prune for pod ns/m-r1-g1-prune-x failed with exit code 2 matching "
+                                     "FailJob rule at index 0")
+    assert (bad.phase, bad.bad_input) == ("Failed", True) and "exit code 2" in bad.message
+    other = failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    assert (other.phase, other.bad_input) == ("Failed", False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -103,7 +104,10 @@ def ensure_baseline(source: SourceModel, cache: Path, parity_batch: dict[str, np
     is). Returns (folder, sha256)."""
     from kompressor_jobs.runtime import io_signature
 
-    folder = cache / source.digest[:16]
+    # One baseline per source file and per way of reading it: a Hugging Face folder read as a classifier or as an
+    # embedding model, or with another sequence length, exports another graph.
+    variant = hashlib.sha256(json.dumps([source.task, source.inputs_wire()], sort_keys=True).encode()).hexdigest()
+    folder = cache / f"{source.digest[:16]}-{variant[:8]}"
     if folder.is_dir():
         try:
             manifest = verify_artifact(folder)

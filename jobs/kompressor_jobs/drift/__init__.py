@@ -1,13 +1,16 @@
 """`kompressor watch-drift`: test the traffic `kompressor serve` captured for drift with Alibi Detect.
 
-Reference data: ``--reference``, else ``spec.data.reference``, else ``spec.data.eval``. The detector
-comes from ``spec.drift`` (see ``detectors.build_detector``). Window mode tests the newest
-``windowSize`` rows captured for ``--revision`` every ``checkIntervalSeconds`` (skipping checks when
-nothing new arrived); online mode feeds every new row to an online detector whose state (and the
-capture position) is saved in ``--state``, so a restart resumes where it stopped. Each check writes a
-``DriftVerdict`` (the ``status.drift`` shape) to ``--verdict``: a JSON file replaced atomically, or
-``k8s://NAMESPACE/NAME`` (a merge patch on the CompressedModel's /status). ``consecutive`` continues
-from the verdict the sink already holds for the same revision.
+Reference data: ``--reference``, else ``spec.data.reference``, else ``spec.data.eval``; what is tested
+(``spec.drift.signal``: inputs, or the served model's outputs or output vectors, for which ``--artifact``
+gives the model) is signals.py's business. The detector comes from ``spec.drift`` (see
+``detectors.build_detector``). Window mode consumes the rows captured for ``--revision`` since it
+(re)started serving in disjoint windows of ``windowSize`` rows, each tested once, in order (looking every
+``checkIntervalSeconds``); online mode feeds every new row to an online detector. Both keep their place in
+``--state``, so a restart resumes where it stopped. Each window writes a ``DriftVerdict`` (the
+``status.drift`` shape) to ``--verdict``: a JSON file replaced atomically (and a line in its
+``.history.jsonl``), or ``k8s://NAMESPACE/NAME`` (a merge patch on the CompressedModel's /status). The
+verdict says what was tested (first and last capture sequence, rows, windows) and ``consecutive`` counts
+drifting windows in a row; a restarted watcher goes on from it (see watcher.py).
 """
 
 from __future__ import annotations

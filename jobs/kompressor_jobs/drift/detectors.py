@@ -1,7 +1,8 @@
 """Alibi Detect detectors behind one small interface of ours.
 
 ``build_detector(drift_spec, x_ref)`` returns a ``Detector``: ``check(rows) -> Check`` tests rows
-(window mode: the newest ``windowSize`` of them; online mode: fed one at a time) and
+(window mode: the newest ``windowSize`` of them; ``test(window)`` exactly the rows of one window, as the
+watcher consumes the capture; online mode: fed one at a time) and
 ``save_state(folder)`` / ``load_state(folder)`` persist what an online detector has seen.
 Every detector answers in the same ``Check`` shape.
 """

@@ -126,7 +126,7 @@ class Watcher:
 
     def _stint_position(self) -> capture.Position:
         """Online mode reads from the segment where the stint starts."""
-        for seg, first in capture._numbered(capture.list_segments(self.capture_dir)):
+        for seg, first in capture.numbered_segments(capture.list_segments(self.capture_dir)):
             if first >= self.stint and (self.revision is None or seg.revision == self.revision):
                 return capture.Position(seg.seq, 0)
         return capture.Position()

@@ -124,6 +124,13 @@ class Demo:
                         f"(phase {self.status().get('phase')}; logs in {self.files.logs})")
 
     def verdicts_since(self, since: str, revision: int | None, outcome: str) -> list[dict]:
+        """Verdicts on windows tested since ``since``: from the watcher's own history (every window; the runner
+        copies only the verdicts it happens to read), else the runner's copies."""
+        history = read_jsonl(self.files.verdict_history)
+        if history:
+            after = datetime.fromisoformat(since).replace(microsecond=0)
+            return [v for v in history if v.get("outcome") == outcome and v.get("revision") == revision
+                    and v.get("checkedAt") and datetime.fromisoformat(v["checkedAt"].replace("Z", "+00:00")) > after]
         return [v for v in read_jsonl(self.files.drift_history)
                 if v.get("outcome") == outcome and v.get("revision") == revision and v.get("seenAt", "") >= since]
 
