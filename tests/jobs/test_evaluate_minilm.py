@@ -16,7 +16,7 @@ from onnx_models import artifact
 from kompressor.store import MODEL_FILE
 from support.text_models import spec_inputs, text_models
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # builds the MiniLM fixture once (minutes)
 
 
 @pytest.fixture(scope="module")

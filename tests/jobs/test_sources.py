@@ -141,6 +141,37 @@ def test_resnet_pt2_is_rebuilt_with_real_batchnorm_and_pruned_through_the_cli(jo
     assert metrics["accuracy"] == pytest.approx(direct, abs=1e-6)
 
 
+def test_builtin_digits_resnet_has_batchnorm_and_residual_blocks(jobs, write_spec, tmp_path):
+    import torch
+    from torch import nn
+
+    from kompressor_jobs.data import load_dataset
+    from kompressor_jobs.models import load_source
+
+    source = load_source("builtin://digits-resnet")
+    modules = list(source.module.modules())
+    assert source.kind == "resnet" and source.output_dim == 10
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in modules) >= 5
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in modules)
+    # a residual block adds its input back: zeroing the block's convolutions leaves relu(shortcut(x))
+    block = next(m for m in modules if hasattr(m, "shortcut") and len(list(m.shortcut.children())) == 0)
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    with torch.no_grad():
+        block.eval()
+        block.bn2.weight.zero_()
+        block.bn2.bias.zero_()
+        assert torch.allclose(block(x), torch.relu(x))
+    spec = write_spec({"model": {"uri": "builtin://digits-resnet"}, "data": DIGITS,
+                       "compression": {"pruning": {"method": "none"}}})
+    candidate = tmp_path / "candidate"
+    code, err = jobs.prune(spec, candidate)
+    assert code == 0, err
+    data = load_dataset(DIGITS["eval"], [1, 8, 8])
+    accuracy = (ort_outputs(candidate / "model.onnx", {"input": data.X}).argmax(1) == data.y).mean()
+    assert accuracy > 0.9
+    assert {"BatchNormalization", "Conv"} & {n.op_type for n in onnx.load(str(candidate / "model.onnx")).graph.node}
+
+
 def test_onnx_resnet_is_quantized_and_evaluated_without_torch(tmp_path, write_spec, job_env, resnet):
     """An ONNX source needs no torch: prune (method none + static INT8) and evaluate run with torch, Torch-Pruning
     and Transformers made unimportable."""
@@ -251,12 +282,12 @@ def test_minilm_onnx_is_quantized_alone(jobs, write_spec, text_models):
     assert agree.mean() >= 0.9
 
 
-def test_minilm_embedding_task_matches_sentence_transformers(jobs, write_spec, text_models, tmp_path):
-    """task: embedding on the untouched sentence-transformers folder: mean pooling + normalisation, as the
-    sentence-transformers library computes it."""
-    folder = tmp_path / "minilm"
-    shutil.copytree(minilm_dir(), folder)  # as a user's folder on a volume
-    spec = write_spec(text_spec(text_models, f"file://{folder}", task="embedding"))
+def test_minilm_embedding_task_matches_sentence_transformers(jobs, write_spec, text_models, tmp_path, monkeypatch):
+    """task: embedding on the untouched sentence-transformers folder, on a PVC: mean pooling + normalisation, as
+    the sentence-transformers library computes it."""
+    shutil.copytree(minilm_dir(), tmp_path / "volumes" / "models" / "minilm")  # a user's folder on a claim
+    monkeypatch.setenv("KOMPRESSOR_PVC_ROOT", str(tmp_path / "volumes"))
+    spec = write_spec(text_spec(text_models, "pvc://models/minilm", task="embedding"))
     candidate = tmp_path / "candidate"
     code, err = jobs.prune(spec, candidate)
     assert code == 0, err

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kompressor.console import log
+from kompressor.console import log, progress
 from kompressor.errors import UserError
 
 CALIBRATION_ROWS = 256
@@ -463,9 +463,12 @@ def rank_nodes(q: _Quantizer, tmp: Path, candidates: list[str], reference: np.nd
     ref = reference[:rows]
     path = tmp / "rank.onnx"
     scores = []
-    for name in candidates[:MAX_RANKED_NODES]:
-        q.run(path, only=[name])
-        scores.append((name, output_error(ref, outputs(path, feeds, rows), task)))
+    ranked = candidates[:MAX_RANKED_NODES]
+    with progress("ranking nodes for the INT8 fallback", total=len(ranked)) as bar:
+        for name in ranked:
+            q.run(path, only=[name])
+            scores.append((name, output_error(ref, outputs(path, feeds, rows), task)))
+            bar.advance(node=name, error=float(f"{scores[-1][1]:.4g}"))
     scores.sort(key=lambda s: -s[1])
     return scores
 

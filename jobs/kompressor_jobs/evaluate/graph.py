@@ -46,13 +46,30 @@ def _dtype(init) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
 
 
+SMALL_INITIALIZER = 4096  # elements; larger initializers are weights, whose values shape inference never needs
+
+
 def _fixed(model, shapes: dict[str, list[int]]):
-    """A copy of the model with each graph input's shape fixed (batch 1, the data's sample shape)."""
+    """A light copy of the model with each graph input's shape fixed (batch 1, the data's sample shape); large
+    initializers become typed inputs of the same shape, so shape inference need not copy the weights."""
     import onnx
+    from onnx import helper
 
     fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    initializers = {i.name for i in fixed.graph.initializer}
+    graph = model.graph
+    fixed.CopyFrom(helper.make_model(helper.make_graph([], graph.name, [], []), opset_imports=model.opset_import))
+    fixed.ir_version = model.ir_version
+    fixed.graph.node.extend(graph.node)
+    fixed.graph.output.extend(graph.output)
+    fixed.graph.input.extend(graph.input)
+    fixed.functions.extend(model.functions)
+    declared = {v.name for v in graph.input}
+    for init in graph.initializer:
+        if math.prod(init.dims) <= SMALL_INITIALIZER:
+            fixed.graph.initializer.append(init)
+        elif init.name not in declared:
+            fixed.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    initializers = {i.name for i in graph.initializer}
     for value in fixed.graph.input:
         if value.name in initializers:
             continue
@@ -79,7 +96,7 @@ def _infer(model, symbolic: bool):
         except Exception:  # noqa: BLE001 - an op it does not know: keep onnx's answer
             pass
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # noqa: BLE001
         return model
 
