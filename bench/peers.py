@@ -357,7 +357,7 @@ def run_peers(seeds: int = 3, minilm_seeds: int | None = None) -> str:
     lines = [
         f"Measured by `python bench/compression.py --peers --write-docs` ({time.perf_counter() - started:.0f} s) on "
         f"{cpu_model()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Torch-Pruning "
-        f"{torch_pruning.__version__}, Optimum {optimum_version}; fine-tuning seeds: {seeds} for digits-resnet, "
+        f"{torch_pruning.__version__}, optimum-onnx {optimum_version}; fine-tuning seeds: {seeds} for digits-resnet, "
         f"{len(text_seeds)} for MiniLM (CPU time on the shared 2 cores). ONNX Runtime on one "
         "thread; latency is batch-1 p50, each candidate timed against its own fp32 baseline in alternating blocks "
         "in the same process. digits-resnet: 450 eval rows (one row = 0.22 pt); MiniLM: the template topic data of "

@@ -537,7 +537,7 @@ class PodWorker:
         value = ((container.get("resources") or {}).get(kind) or {}).get(resource)
         if value is None:  # unset limits: the node's allocatable
             value = self.node.allocatable.get(resource, "0")
-        divisor = parse_quantity(ref.get("divisor", "1"))
+        divisor = parse_quantity(ref.get("divisor") or "1") or 1.0  # the API server defaults it to "0": 1
         return str(math.ceil(parse_quantity(value) / divisor))  # as the kubelet: rounded up, in divisor units
 
     async def _env(self, container: dict) -> dict[str, str]:
@@ -632,7 +632,7 @@ class PodWorker:
             started = now()
             try:
                 c.proc = await self._spawn(c)
-            except (OSError, RuntimeError) as err:
+            except Exception as err:  # noqa: BLE001 - a container that cannot start is reported, never fatal
                 log.warning("pod %s/%s container %s: %s", self.namespace, self.name, c.name, err)
                 c.proc = None
                 c.state = {"terminated": {"exitCode": 128, "reason": "StartError", "message": str(err)[:500],

@@ -51,6 +51,18 @@ def _compare(cls: type, schema: dict, path: str) -> list[str]:
     return diffs
 
 
+def _section_defaults(cls) -> dict:
+    """What an absent section of ``cls`` defaults to, from the Python model alone."""
+    out = {}
+    for info in fields_of(cls):
+        f = info.field
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            out[info.wire] = f.default
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            out[info.wire] = _section_defaults(f.default_factory)
+    return out
+
+
 def _compare_field(info, sub: dict, path: str) -> list[str]:
     diffs, hint, b, f = [], info.hint, info.bounds, info.field
     for attr, key in _BOUNDS.items():
@@ -61,11 +73,12 @@ def _compare_field(info, sub: dict, path: str) -> list[str]:
     for attr, key in (("exclusive_minimum", "exclusiveMinimum"), ("exclusive_maximum", "exclusiveMaximum")):
         if getattr(b, attr) != sub.get(key, False):
             diffs.append(f"{path}: {key} differs")
-    # Defaults: a value, {} for a nested section (so its own defaults apply), none for lists.
+    # Defaults: a value, the section's own defaults spelled out for a nested section (the API server
+    # checks a default against the CEL rules as written: `{}` was refused), none for lists.
     if f.default is not dataclasses.MISSING and f.default is not None:
         expected_default = f.default
     elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
-        expected_default = {}
+        expected_default = _section_defaults(f.default_factory)
     else:
         expected_default = dataclasses.MISSING
     if sub.get("default", dataclasses.MISSING) != expected_default:

@@ -186,7 +186,8 @@ class FineTuner:
     def trainable(self, module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad and p.is_floating_point()]
 
-    def __call__(self, module: nn.Module, description: str = "fine-tuning", epochs: int | None = None) -> FineTuneReport:
+    def __call__(self, module: nn.Module, description: str = "fine-tuning",
+                 epochs: int | None = None) -> FineTuneReport:
         """Fine-tune ``module`` in place (it ends in eval mode, on the CPU)."""
         cfg = self.config
         epochs = cfg.epochs if epochs is None else epochs

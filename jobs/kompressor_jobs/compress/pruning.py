@@ -187,7 +187,8 @@ def _structured(result: PruneResult, sparsity: float, fine_tune: FineTune | None
     def scheduler(ratio: float, n: int) -> list[float]:  # Torch-Pruning wants the ratio after step 0..n
         return [0.0] + (schedule if n == len(schedule) else polynomial_schedule(ratio, n))
 
-    imp = tp.importance.GroupTaylorImportance() if importance == "taylor" else tp.importance.GroupMagnitudeImportance(p=2)
+    imp = (tp.importance.GroupTaylorImportance() if importance == "taylor"
+           else tp.importance.GroupMagnitudeImportance(p=2))
     num_heads = {layer: a.heads for a in attention for layer in a.qkv}
     before = attention_sizes(module, attention)
     try:

@@ -42,11 +42,19 @@ def object_schema(cls: type, description: str | None = None) -> dict:
     return schema
 
 
+def _defaults(schema: dict) -> dict:
+    """The object an absent section defaults to: every child default, nested sections spelled out too."""
+    return {name: child["default"] for name, child in schema.get("properties", {}).items() if "default" in child}
+
+
 def _field_schema(hint: Any, description: str, b: Bounds, field: dataclasses.Field | None) -> dict:
     if dataclasses.is_dataclass(hint):
         schema = object_schema(hint, description)
         if field is not None and field.default_factory is not dataclasses.MISSING:
-            schema["default"] = {}  # so nested defaults apply when the section is left out
+            # So nested defaults apply when the section is left out. Spelled out, not {}: the API server
+            # checks a default against the schema's CEL rules as written (it refused `{}` for rules that
+            # read defaulted children: "no such key: mode").
+            schema["default"] = _defaults(schema)
         return schema
     origin = typing.get_origin(hint)
     schema: dict[str, Any]
@@ -115,7 +123,8 @@ def build_crd() -> dict:
         "x-kubernetes-validations": [{
             "rule": f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
             "message": f"metadata.name must be at most {MAX_NAME_LENGTH} characters (child object names add a suffix)",
-            "fieldPath": ".metadata.name", "reason": "FieldValueInvalid",
+            # (no fieldPath: the API server accepts only paths into the schema, and metadata is not in it)
+            "reason": "FieldValueInvalid",
         }],
     }
     return {
