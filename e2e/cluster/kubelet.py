@@ -20,7 +20,10 @@ How a container becomes a process (what differs from a container runtime, all he
   downwardAPI and projected (ServiceAccount token from the TokenRequest API, refreshed; ca.crt;
   namespace) written as files; persistentVolumeClaim = the bound PV's hostPath (``--state-dir``/pvc/
   NAMESPACE/CLAIM for the claims this kubelet provisions); hostPath = the host path itself.
-  Each Pod has a root folder in which every mountPath is a symlink to its volume. A process cannot
+  Where the kubelet may (root: ``unshare --mount``), each container gets its own mount namespace with
+  every volume bind-mounted at its real mountPath: paths are as in a container, nothing is rewritten
+  (PROCESS_KUBELET_MOUNTS=rewrite forces the fallback). Otherwise (the fallback):
+  each Pod has a root folder in which every mountPath is a symlink to its volume. A process cannot
   see that root as ``/``, so every argument, env value and workingDir that is an absolute path under
   a mountPath (or a parent folder of one, e.g. ``KOMPRESSOR_PVC_ROOT=/var/lib/kompressor/pvc``) is
   rewritten into the Pod's root. The ServiceAccount folder is found by the kubernetes client
@@ -104,6 +107,22 @@ def micro_now() -> str:
 
 _SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
              "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+
+def _mount_namespaces() -> bool:
+    """Whether this kubelet may give each container a mount namespace (root, or a capable sandbox)."""
+    if os.environ.get("PROCESS_KUBELET_MOUNTS", "auto") == "rewrite":
+        return False
+    try:
+        probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                                "mount --bind / /mnt 2>/dev/null || mount -t tmpfs none /mnt"],
+                               capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return probe.returncode == 0
+
+
+MOUNT_NAMESPACES = False  # decided in main(): see _mount_namespaces
 
 
 def parse_quantity(value: Any) -> float:
@@ -578,6 +597,16 @@ class PodWorker:
                 env[item["name"]] = base64.b64decode(value).decode() if plural == "secrets" else value
         return env
 
+    def _mounts(self, container: dict) -> list[tuple[str, Path]]:
+        out = []
+        for mount in container.get("volumeMounts", []):
+            local = self.volumes[mount["name"]]
+            if mount.get("subPath"):
+                local = local / mount["subPath"]
+                local.mkdir(parents=True, exist_ok=True)
+            out.append((mount["mountPath"].rstrip("/") or "/", local))
+        return sorted(out, key=lambda m: len(m[0]))  # parents first
+
     def _root(self, container: dict) -> PodRoot:
         mounts: dict[str, Path] = {}
         for mount in container.get("volumeMounts", []):
@@ -593,20 +622,34 @@ class PodWorker:
     async def _spawn(self, c: ContainerState, argv: list[str] | None = None) -> asyncio.subprocess.Process:
         spec = c.spec
         env = await self._env(spec)
-        root = self._root(spec)
         argv = argv if argv is not None else container_argv(spec)
-        argv = [root.map_value(expand(a, env)) for a in argv]
+        argv = [expand(a, env) for a in argv]
         if not argv:
             raise RuntimeError(f"container {c.name}: no command and image {spec.get('image')!r} is unknown")
-        env = {k: root.map_value(v) for k, v in env.items()}
+        workdir = spec.get("workingDir") or image_config(spec.get("image", ""))["workdir"]
         env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), *filter(None, [env.get("PYTHONPATH")])])
         env["PROCESS_KUBELET_POD_IP"] = self.ip
-        env["PROCESS_KUBELET_POD_ROOT"] = str(root.root)
-        if "TMPDIR" not in env and root.covers("/tmp"):
-            env["TMPDIR"] = root.map_path("/tmp")  # what the container's tempfile module would use
-        workdir = spec.get("workingDir") or image_config(spec.get("image", ""))["workdir"]
-        cwd = root.map_path(workdir) if workdir != "/" else str(root.root)
-        Path(cwd).mkdir(parents=True, exist_ok=True)
+        if MOUNT_NAMESPACES:
+            # Real mounts at the real paths, in a mount namespace of the process's own: no rewriting.
+            mounts = self._mounts(spec)
+            # Every source is first bound under a staging folder, so that mounting a target (e.g. /tmp)
+            # cannot hide a source that lives below it (the kubelet's state dir may be under /tmp).
+            n, stage = len(mounts), "/run/process-kubelet-stage"
+            script = "".join(f'mkdir -p {stage}/{i} && mount --bind "${i + 1 + n}" {stage}/{i} && ' for i in range(n))
+            script += "".join(f'mkdir -p "${i + 1}" && mount --bind {stage}/{i} "${i + 1}" && ' for i in range(n))
+            script += f'cd "${2 * len(mounts) + 1}" && shift {2 * len(mounts) + 1} && exec "$@"'
+            argv = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh",
+                    *[m for m, _ in mounts], *[str(local) for _, local in mounts], workdir, *argv]
+            cwd = str(self.dir)
+        else:
+            root = self._root(spec)
+            argv = [root.map_value(a) for a in argv]
+            env = {k: root.map_value(v) for k, v in env.items()}
+            env["PROCESS_KUBELET_POD_ROOT"] = str(root.root)
+            if "TMPDIR" not in env and root.covers("/tmp"):
+                env["TMPDIR"] = root.map_path("/tmp")  # what the container's tempfile module would use
+            cwd = root.map_path(workdir) if workdir != "/" else str(root.root)
+            Path(cwd).mkdir(parents=True, exist_ok=True)
         log_path = self.dir / f"{c.name}.log"
         with open(log_path, "ab") as log_file:
             return await asyncio.create_subprocess_exec(
@@ -1231,6 +1274,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def amain(args: argparse.Namespace) -> None:
+    global MOUNT_NAMESPACES
+    MOUNT_NAMESPACES = _mount_namespaces()
+    log.info("containers get %s", "mount namespaces (real mounts at the real paths)" if MOUNT_NAMESPACES
+             else "their paths rewritten into a Pod root folder (no mount namespaces here)")
     state = args.state_dir.resolve()
     state.mkdir(parents=True, exist_ok=True)
     admin = Api(args.kubeconfig, state / "credentials")

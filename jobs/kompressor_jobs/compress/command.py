@@ -243,6 +243,11 @@ def main(args: argparse.Namespace) -> int:
     if args.retrain and not spec.data.retrain:
         raise UserError("--retrain: spec.data.retrain is not set, so there is no retraining data")
     train_uri = spec.data.retrain if args.retrain else spec.data.train
+    if args.retrain and spec.model.task != "embedding" and spec.compression.distillation.enabled:
+        # The teacher learned the data that drifted away: distilling from it would pull the retrained model
+        # back to the old labels. Embedding models have no labels, so they keep distilling.
+        spec.compression.distillation.enabled = False
+        log("distillation off for a retrain: the recent data's labels are the target", level="warning")
 
     from kompressor_jobs.models import load_model
 
