@@ -66,12 +66,8 @@ class OIPClient:
                 raise OIPError(f"model metadata: HTTP {response.status}: {await response.text()}")
             return await response.json()
 
-    async def infer(self, rows: list[list[float]], request_id: str | None = None) -> InferResult:
-        if self.input_name is None:
-            self.input_name = (await self.metadata())["inputs"][0]["name"]
-        width = len(rows[0])
-        body = {"inputs": [{"name": self.input_name, "shape": [len(rows), width], "datatype": "FP32",
-                            "data": [v for row in rows for v in row]}]}
+    async def _post_infer(self, body: dict, request_id: str | None) -> tuple[dict, float]:
+        """POST an OIP v2 infer body; the response payload and the round-trip latency in ms."""
         if request_id:
             body["id"] = request_id
         started = time.perf_counter()
@@ -79,7 +75,17 @@ class OIPClient:
             payload = await response.json(content_type=None)
             latency = (time.perf_counter() - started) * 1000
             if response.status != 200:
-                raise OIPError(f"infer: HTTP {response.status}: {payload}")
+                detail = payload.get("error", payload) if isinstance(payload, dict) else payload
+                raise OIPError(f"infer: HTTP {response.status}: {detail}")
+        return payload, latency
+
+    async def infer(self, rows: list[list[float]], request_id: str | None = None) -> InferResult:
+        if self.input_name is None:
+            self.input_name = (await self.metadata())["inputs"][0]["name"]
+        width = len(rows[0])
+        body = {"inputs": [{"name": self.input_name, "shape": [len(rows), width], "datatype": "FP32",
+                            "data": [v for row in rows for v in row]}]}
+        payload, latency = await self._post_infer(body, request_id)
         output = payload["outputs"][0]
         classes = output["shape"][-1]
         flat = output["data"]
@@ -96,14 +102,7 @@ class OIPClient:
                            f"{', '.join(self.input_datatypes)})")
         body: dict = {"inputs": [{"name": name, "datatype": self.input_datatypes[name], "shape": _shape(value),
                                   "data": _flatten(value)} for name, value in inputs.items()]}
-        if request_id:
-            body["id"] = request_id
-        started = time.perf_counter()
-        async with self.http.post(f"{self.base_url}/v2/models/{self.model}/infer", json=body) as response:
-            payload = await response.json(content_type=None)
-            latency = (time.perf_counter() - started) * 1000
-            if response.status != 200:
-                raise OIPError(f"infer: HTTP {response.status}: {payload.get('error', payload)}")
+        payload, latency = await self._post_infer(body, request_id)
         outputs = payload["outputs"]
         return TensorResult(tensors={o["name"]: _nest(o["data"], o["shape"]) for o in outputs},
                             datatypes={o["name"]: o["datatype"] for o in outputs},
