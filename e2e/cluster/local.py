@@ -113,7 +113,10 @@ class LocalCluster:
     def env(self) -> dict[str, str]:
         """Environment for clients (kubectl, helm, the kubernetes package) of this cluster."""
         return {**os.environ, "KUBECONFIG": str(self.kubeconfig), "HELM_CACHE_HOME": str(self.workdir / "helm-cache"),
-                "HELM_CONFIG_HOME": str(self.workdir / "helm-config"), "HELM_DATA_HOME": str(self.workdir / "helm-data")}
+                "HELM_CONFIG_HOME": str(self.workdir / "helm-config"), "HELM_DATA_HOME": str(self.workdir / "helm-data"),
+                # kubectl caches discovery per host:port; a new cluster on a port an old one used would be
+                # answered from a cache that lacks its CRDs ("couldn't find resource")
+                "KUBECACHEDIR": str(self.workdir / "kube-cache")}
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +165,8 @@ class LocalCluster:
         self.stop_control_plane()
 
     def kubectl(self, *args: str, check: bool = True, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-        return _run([kubectl_binary(), *args], self.env, check, input, timeout)
+        return _run([kubectl_binary(), f"--cache-dir={self.workdir / 'kube-cache'}", *args], self.env, check, input,
+                    timeout)
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
         return _run([helm_binary(), *args], self.env, check, None, timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,4 +52,10 @@ def crd(cluster):
     cluster.kubectl("apply", "-f", str(REPO / "crds" / "compressedmodels.kompressor.io.yaml"))
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                     "crd/compressedmodels.kompressor.io")
+    # Established is not yet published: the apiserver adds the CRD to its OpenAPI document (what
+    # `kubectl explain` reads) a moment later.
+    deadline = time.monotonic() + 60
+    while cluster.kubectl("explain", "compressedmodel", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the CRD never appeared in the apiserver's OpenAPI document"
+        time.sleep(0.5)
     return REPO / "crds" / "compressedmodels.kompressor.io.yaml"

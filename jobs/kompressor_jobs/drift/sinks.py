@@ -57,15 +57,13 @@ class KubernetesSink:
     def __init__(self, namespace: str, name: str):
         from kubernetes import client, config
 
-        configuration = client.Configuration()  # our own, not the process-wide default
+        from kompressor.k8s.client import load_configuration
+
         try:
-            config.load_incluster_config(client_configuration=configuration)
-        except config.ConfigException:
-            try:
-                config.load_kube_config(client_configuration=configuration)  # honours $KUBECONFIG
-            except (config.ConfigException, OSError) as err:
-                raise UserError(f"k8s://{namespace}/{name}: no in-cluster config and no usable kubeconfig: "
-                                f"{err}") from None
+            configuration = load_configuration()
+        except (config.ConfigException, OSError) as err:
+            raise UserError(f"k8s://{namespace}/{name}: no in-cluster config and no usable kubeconfig: "
+                            f"{err}") from None
         self.namespace, self.name = namespace, name
         self.api = client.CustomObjectsApi(client.ApiClient(configuration))
 

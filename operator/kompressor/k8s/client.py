@@ -21,13 +21,18 @@ class ApiError(Exception):
 
 
 def load_configuration():
+    """In-cluster config, else the kubeconfig that $KUBECONFIG names now (the kubernetes package reads
+    $KUBECONFIG once, when it is first imported), else ~/.kube/config. Our own Configuration object, not
+    the process-wide default."""
+    import os
+
     from kubernetes import client, config
 
     cfg = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
-        config.load_kube_config(client_configuration=cfg)
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
     return cfg
 
 
