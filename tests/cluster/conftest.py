@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "e2e" / "cluster"))
 
 import local  # noqa: E402  (e2e/cluster/local.py)
+from support.polling import wait  # noqa: E402
 
 
 def _require(reason: str | None) -> None:
@@ -54,8 +54,6 @@ def crd(cluster):
                     "crd/compressedmodels.kompressor.io")
     # Established is not yet published: the apiserver adds the CRD to its OpenAPI document (what
     # `kubectl explain` reads) a moment later.
-    deadline = time.monotonic() + 60
-    while cluster.kubectl("explain", "compressedmodel", check=False).returncode != 0:
-        assert time.monotonic() < deadline, "the CRD never appeared in the apiserver's OpenAPI document"
-        time.sleep(0.5)
+    wait(lambda: cluster.kubectl("explain", "compressedmodel", check=False).returncode == 0, 60,
+         "the CRD to appear in the apiserver's OpenAPI document", interval=0.5)
     return REPO / "crds" / "compressedmodels.kompressor.io.yaml"

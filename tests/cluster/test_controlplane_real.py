@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from test_operator_real import wait
+from support.polling import wait
 
 NAMESPACE = "controlplane-smoke"
 

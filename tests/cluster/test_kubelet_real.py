@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from test_operator_real import wait
+from support.polling import wait
 
 NAMESPACE = "kubelet-checks"
 PY = "python:3.11-slim"  # not pulled: `python` is the venv's

@@ -14,11 +14,7 @@ real Job controller and scheduler on the process kubelet's Nodes.
 from __future__ import annotations
 
 import copy
-import json
-import os
-import signal
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,17 +30,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 sys.path.insert(0, str(REPO / "tests"))
 from support.cluster import digits_model  # noqa: E402  (a small, fast CompressedModel)
+from support.polling import wait  # noqa: E402
 
 
-def wait(predicate, timeout: float, what: str, diagnostics=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{diagnostics()}")
-        time.sleep(0.2)
 
 
 class Kube:

@@ -7,11 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from support.polling import wait
 
 DIGITS = {
     "apiVersion": "kompressor.io/v1alpha1",
@@ -36,14 +37,7 @@ def write_manifest(path: Path, *docs: dict) -> None:
 
 
 def wait_for(what: str, check: Callable[[], Any], deadline: float, interval: float = 0.2) -> Any:
-    end = time.monotonic() + deadline
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {deadline:g} s waiting for {what}")
-        time.sleep(interval)
+    return wait(check, deadline, what, interval=interval)
 
 
 def children_of(pid: int) -> dict[int, str]:
