@@ -3,7 +3,8 @@
     python bench/demo.py [--runs 1] [--out docs/benchmarks/demo.md]
 
 Each run uses a fresh work folder and a fresh model cache (so the builtin model is trained, as on a first
-run), in a subprocess exactly as a user starts it. Target: under 5 minutes on 2 cores.
+run), in a subprocess exactly as a user starts it. Target: under 5 minutes on 2 cores. The Markdown records
+the 1-minute load average before and after each run: a loaded machine gives a slower figure.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGET_S = 300.0
 
 
-def one_run(port: int) -> tuple[float, int]:
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not available on this platform
+        return None
+
+
+def one_run(port: int) -> tuple[float, int, float | None, float | None]:
+    """(seconds, exit code, 1-minute load average before, after)."""
     work = Path(tempfile.mkdtemp(prefix="bench-demo-"))
+    before = load_average()
     try:
         env = {**os.environ, "KOMPRESSOR_CACHE": str(work / "cache")}
         started = time.perf_counter()
@@ -32,7 +42,7 @@ def one_run(port: int) -> tuple[float, int]:
         seconds = time.perf_counter() - started
         if done.returncode != 0:
             print(done.stderr[-4000:], file=sys.stderr)
-        return seconds, done.returncode
+        return seconds, done.returncode, before, load_average()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -44,8 +54,9 @@ def main() -> int:
     parser.add_argument("--out", help="write the Markdown here too")
     args = parser.parse_args()
     results = [one_run(args.port) for _ in range(args.runs)]
-    times = [s for s, rc in results if rc == 0]
-    failed = sum(rc != 0 for _, rc in results)
+    times = [s for s, rc, _, _ in results if rc == 0]
+    failed = sum(rc != 0 for _, rc, _, _ in results)
+    loads = [f"{a:.1f} -> {b:.1f}" for _, _, a, b in results if a is not None and b is not None]
     text = "\n".join([
         "## Demo (bench/demo.py)", "",
         f"`kompressor demo` end to end, {args.runs} run(s) in a subprocess with a fresh model cache each, on "
@@ -53,6 +64,8 @@ def main() -> int:
         + (", ".join(f"{s:.0f} s" for s in times) if times else "no successful run")
         + (f"; {failed} run(s) failed" if failed else "") + ".",
         "",
+        *([f"1-minute load average before -> after each run: {', '.join(loads)} (on {os.cpu_count()} CPUs; "
+           "above the CPU count, other work was competing for them)", ""] if loads else []),
         f"Target: under {TARGET_S:.0f} s: " + ("met" if times and max(times) < TARGET_S else "NOT met") + ".",
         "",
     ])

@@ -30,12 +30,22 @@ How a container becomes a process (what differs from a container runtime, all he
   through podshim/sitecustomize.py (on the Pod's PYTHONPATH).
 - Networking: each Pod gets its own local address as ``podIP``; podshim makes a wildcard bind
   (0.0.0.0) of a Python process land on it ($PROCESS_KUBELET_POD_IP). Probes (httpGet, tcpSocket,
-  exec; startup, readiness, liveness) run against that address. The addresses are 10.244.0.N on the
+  exec; startup, readiness, liveness) run against that address. The addresses are 10.244.B.N on the
   loopback device when the kubelet may add ``10.244.0.1/16`` to ``lo`` (root; ``--pod-cidr``), else
-  127.0.0.N: the API server accepts a loopback podIP, but EndpointSlices refuse loopback addresses
-  ("may not be in the loopback range"), so only the former gives Services real endpoints.
+  127.0.B.N: the API server accepts a loopback podIP, but EndpointSlices refuse loopback addresses
+  ("may not be in the loopback range"), so only the former gives Services real endpoints. B is this
+  kubelet's own /24 block (PodAddresses): every kubelet on the machine shares the /16 on ``lo``, and
+  each holds a lock on the block it took, so two clusters on one machine (a test session and
+  ``up.sh``) never give two Pods one address.
 - Resource requests/limits, securityContext and readOnly are not enforced; a container's stdout
   and stderr go to ``--state-dir``/pods/NAMESPACE_NAME_UID/CONTAINER.log.
+- The termination message: each run of a container gets a fresh, empty file for its
+  ``terminationMessagePath``; when it exits, ``state.terminated.message`` is read from it as the real
+  kubelet reads it (the last 4 KiB; with ``FallbackToLogsOnError`` and a non-zero exit, an empty file
+  gives the last 80 lines, at most 2 KiB, of the run's log). A process cannot be given its own
+  ``/dev`` here (creating the file in the host's would touch every process), so the path reaches it
+  where it reaches it in argv or env: a value that is the terminationMessagePath (``--flag=PATH``
+  too) names the run's file instead, in both modes.
 - Lifecycle as the kubelet's: restartPolicy Always/OnFailure restarts with a back-off (1 s doubling,
   at most 10 s), Never reports ``terminated`` with the exit code (128+signal when killed) and the
   phase Succeeded or Failed. On deletion each container gets SIGTERM, then SIGKILL after the grace
@@ -56,6 +66,7 @@ import asyncio
 import base64
 import contextlib
 import datetime
+import fcntl
 import json
 import logging
 import math
@@ -84,6 +95,13 @@ GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
 SMP = {"Content-Type": "application/strategic-merge-patch+json"}
 MERGE = {"Content-Type": "application/merge-patch+json"}
 BACKOFF_MAX = 10.0
+# The termination message, as the kubelet reads it (kubelet/container: MaxContainerTerminationMessage*):
+# at most 4 KiB of the file; with FallbackToLogsOnError, a failed container's empty file is replaced by
+# the last 80 lines (at most 2 KiB) of its log.
+TERMINATION_PATH = "/dev/termination-log"  # the API server's default terminationMessagePath
+TERMINATION_MESSAGE_BYTES = 4096
+TERMINATION_LOG_LINES, TERMINATION_LOG_BYTES = 80, 2048
+STAGE = "/run/process-kubelet-stage"  # mount namespaces: where each volume is bound before its mountPath
 _SCRATCH = ["PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"]
 
 # Image repository (last path segment, no tag/digest) -> ENTRYPOINT, CMD, ENV of its Dockerfile.
@@ -323,6 +341,8 @@ class ContainerState:
     started: bool = False
     proc: asyncio.subprocess.Process | None = None
     done: bool = False  # no restart will follow
+    termination: Path | None = None  # this run's termination message file
+    log_offset: int = 0  # where this run's output starts in the container's log
 
 
 class PodWorker:
@@ -634,13 +654,16 @@ class PodWorker:
             mounts = self._mounts(spec)
             # Every source is first bound under a staging folder, so that mounting a target (e.g. /tmp)
             # cannot hide a source that lives below it (the kubelet's state dir may be under /tmp).
-            n, stage = len(mounts), "/run/process-kubelet-stage"
+            if c.termination is not None:  # its folder at a path no volume can hide (a volume at /tmp, say)
+                mounts.append((f"{STAGE}/termination", c.termination.parent))
+            n, stage = len(mounts), STAGE
             script = "".join(f'mkdir -p {stage}/{i} && mount --bind "${i + 1 + n}" {stage}/{i} && ' for i in range(n))
             script += "".join(f'mkdir -p "${i + 1}" && mount --bind {stage}/{i} "${i + 1}" && ' for i in range(n))
             script += f'cd "${2 * len(mounts) + 1}" && shift {2 * len(mounts) + 1} && exec "$@"'
             argv = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh",
                     *[m for m, _ in mounts], *[str(local) for _, local in mounts], workdir, *argv]
             cwd = str(self.dir)
+            termination = f"{STAGE}/termination/{c.termination.name}" if c.termination else None
         else:
             root = self._root(spec)
             argv = [root.map_value(a) for a in argv]
@@ -650,13 +673,48 @@ class PodWorker:
                 env["TMPDIR"] = root.map_path("/tmp")  # what the container's tempfile module would use
             cwd = root.map_path(workdir) if workdir != "/" else str(root.root)
             Path(cwd).mkdir(parents=True, exist_ok=True)
+            termination = str(c.termination) if c.termination else None
+        if termination:
+            path = spec.get("terminationMessagePath") or TERMINATION_PATH
+            argv = [_name_file(a, path, termination) for a in argv]
+            env = {k: _name_file(v, path, termination) for k, v in env.items()}
         log_path = self.dir / f"{c.name}.log"
         with open(log_path, "ab") as log_file:
             return await asyncio.create_subprocess_exec(
                 *argv, env=env, cwd=cwd, stdout=log_file, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
                 start_new_session=True, preexec_fn=_die_with_parent)
 
+    def _new_run(self, c: ContainerState) -> None:
+        """A fresh termination message file for the container's next run; its log's end."""
+        folder = self.dir / "termination" / c.name
+        folder.mkdir(parents=True, exist_ok=True)
+        c.termination = folder / f"run-{c.restarts}"
+        c.termination.write_bytes(b"")
+        os.chmod(c.termination, 0o666)  # the container's user may be another (securityContext)
+        log_path = self.dir / f"{c.name}.log"
+        c.log_offset = log_path.stat().st_size if log_path.exists() else 0
+
+    def _termination_message(self, c: ContainerState, code: int) -> str:
+        """What the kubelet puts into state.terminated.message (kuberuntime's getTerminationMessage)."""
+        if c.termination is None:
+            return ""
+        with contextlib.suppress(OSError):
+            data = c.termination.read_bytes()[-TERMINATION_MESSAGE_BYTES:]
+            if data:
+                return data.decode(errors="replace")
+        if c.spec.get("terminationMessagePolicy") != "FallbackToLogsOnError" or code == 0:
+            return ""
+        try:
+            with open(self.dir / f"{c.name}.log", "rb") as fh:
+                fh.seek(c.log_offset)
+                output = fh.read()
+        except OSError:
+            return ""
+        lines = output.splitlines(keepends=True)[-TERMINATION_LOG_LINES:]
+        return b"".join(lines)[-TERMINATION_LOG_BYTES:].decode(errors="replace")
+
     async def _exec_container(self, c: ContainerState) -> int:
+        self._new_run(c)
         try:
             proc = await self._spawn(c)
         except (OSError, RuntimeError) as err:
@@ -665,14 +723,14 @@ class PodWorker:
                                       "startedAt": now(), "finishedAt": now()}}
             return 128
         c.proc = proc
-        code = await proc.wait()
-        return _exit_code(code)
+        return _exit_code(await proc.wait())
 
     async def _run_container(self, c: ContainerState) -> None:
         backoff = 1.0
         while not self.deleting.is_set():
             c.ready, c.started = False, False
             started = now()
+            self._new_run(c)
             try:
                 c.proc = await self._spawn(c)
             except Exception as err:  # noqa: BLE001 - a container that cannot start is reported, never fatal
@@ -692,6 +750,9 @@ class PodWorker:
                 await asyncio.gather(probes, return_exceptions=True)
                 c.state = {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
                                           "startedAt": started, "finishedAt": now()}}
+                message = self._termination_message(c, code)
+                if message:
+                    c.state["terminated"]["message"] = message
             c.ready, c.started = False, False
             restart = not self.deleting.is_set() and not self.halting and (
                 self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and code != 0))
@@ -912,6 +973,14 @@ def _write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _name_file(value: str, path: str, local: str) -> str:
+    """``value`` with ``path`` (alone, or after ``--flag=``) replaced by ``local``."""
+    if value == path:
+        return local
+    head, sep, tail = value.partition("=")
+    return f"{head}={local}" if sep and tail == path else value
+
+
 def _port(port: Any, container: dict) -> int:
     if isinstance(port, int) or str(port).isdigit():
         return int(port)
@@ -1025,32 +1094,25 @@ class Node:
 
 class Kubelet:
     def __init__(self, admin: Api, nodes: list[Node], state_dir: Path, pod_env: dict[str, str],
-                 provision: bool = True, pod_prefix: str = "127.0"):
+                 provision: bool = True, addresses: "PodAddresses | None" = None):
         self.admin, self.nodes, self.state_dir = admin, nodes, state_dir
-        self.pod_prefix = pod_prefix  # "10.244" or "127.0": Pods get PREFIX.X.Y
+        self.addresses = addresses or PodAddresses("127.0")
         self.pod_env = pod_env
         self.provision = provision
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
-        self._ips: dict[str, str] = {}
         url = urlparse(admin.server)
         self.api_server = _ApiServerAddress(url.hostname or "127.0.0.1", url.port or 443, admin.ca_file)
 
     def allocate_ip(self, uid: str) -> str:
-        used = set(self._ips.values())
-        for n in range(2, 250 * 250):
-            ip = f"{self.pod_prefix}.{n // 250}.{n % 250 + 2}" if n >= 250 else f"{self.pod_prefix}.0.{n}"
-            if ip not in used:
-                self._ips[uid] = ip
-                return ip
-        raise RuntimeError("no Pod address left")
+        return self.addresses.allocate(uid)
 
     def _finished(self, uid: str) -> None:
         self.workers.pop(uid, None)
         self.finished.add(uid)
 
     def release_ip(self, uid: str) -> None:
-        self._ips.pop(uid, None)
+        self.addresses.release(uid)
 
     async def claim_path(self, namespace: str, claim: str) -> Path:
         """The folder of a bound claim's PersistentVolume (waits a while for the binding)."""
@@ -1080,7 +1142,8 @@ class Kubelet:
             await ev.wait()
         if ready_file:
             _write(ready_file, json.dumps({"pid": os.getpid(), "nodes": [n.name for n in self.nodes],
-                                           "stateDir": str(self.state_dir)}).encode())
+                                           "stateDir": str(self.state_dir),
+                                           "podAddresses": self.addresses.cidr}).encode())
         log.info("process kubelet ready: nodes %s", ", ".join(n.name for n in self.nodes))
         try:
             await asyncio.gather(*tasks)
@@ -1215,6 +1278,65 @@ class Kubelet:
                                      body={"status": {"phase": "Bound"}})
 
 
+POD_BLOCK_LOCKS = Path(os.environ.get("PROCESS_KUBELET_LOCK_DIR") or "/tmp/process-kubelet-pod-blocks")
+
+
+class PodAddresses:
+    """One kubelet's Pod addresses: PREFIX.B.2 to PREFIX.B.254, B being a /24 block of its own.
+
+    Every process kubelet of the machine puts its Pods on the same /16 of ``lo`` (or 127.0/16). Each
+    takes the first block B (0-255) whose lock file ``LOCKS/PREFIX.B.lock`` it can flock, and holds
+    the lock while it runs; the kernel drops it when the process ends, however it ends, so a block is
+    free again once its kubelet is gone, and a stale file never holds one."""
+
+    def __init__(self, prefix: str, locks: Path = POD_BLOCK_LOCKS):
+        self.prefix = prefix
+        self.block, self._lock = _claim_block(prefix, Path(locks))
+        self._ips: dict[str, str] = {}
+
+    @property
+    def cidr(self) -> str:
+        return f"{self.prefix}.{self.block}.0/24"
+
+    def allocate(self, uid: str) -> str:
+        used = set(self._ips.values())
+        for n in range(2, 255):
+            ip = f"{self.prefix}.{self.block}.{n}"
+            if ip not in used:
+                self._ips[uid] = ip
+                return ip
+        raise RuntimeError(f"no Pod address left in {self.cidr} (253 Pods run)")
+
+    def release(self, uid: str) -> None:
+        self._ips.pop(uid, None)
+
+    def close(self) -> None:
+        """Give the block back (also done by the kernel when the process ends)."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+
+def _claim_block(prefix: str, locks: Path) -> tuple[int, int]:
+    locks.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):
+        locks.chmod(0o1777)  # kubelets of other users share it
+    for block in range(256):
+        try:
+            fd = os.open(locks / f"{prefix}.{block}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            continue  # another user's lock file
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return block, fd
+    raise RuntimeError(f"every /24 of {prefix}.0.0/16 is held by another process kubelet ({locks})")
+
+
 @dataclass(frozen=True)
 class _ApiServerAddress:
     hostname: str
@@ -1288,8 +1410,9 @@ async def amain(args: argparse.Namespace) -> None:
             api = Api(node_configs[name], state / "credentials") if name in node_configs else admin
             nodes.append(Node(name, gpu, api))
     pod_env = dict(item.split("=", 1) for item in args.pod_env)
-    kubelet = Kubelet(admin, nodes, state, pod_env, provision=not args.no_provision,
-                      pod_prefix=await asyncio.to_thread(pod_network, args.pod_cidr))
+    addresses = PodAddresses(await asyncio.to_thread(pod_network, args.pod_cidr))
+    log.info("pod addresses: %s", addresses.cidr)
+    kubelet = Kubelet(admin, nodes, state, pod_env, provision=not args.no_provision, addresses=addresses)
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifact", required=True, help="artifact folder (model.onnx, manifest.json)")
     p.add_argument("--name", required=True, help="model name in the OIP v2 URLs")
     p.add_argument("--port", type=int, default=d.SERVING_PORT)
+    p.add_argument("--grpc-port", type=int, default=0,
+                   help="also serve OIP v2 over gRPC (inference.GRPCInferenceService) on this port (0: off)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes sharing the ports (SO_REUSEPORT); 0: one per CPU of the container's "
+                   "limit (one without a limit)")
+    p.add_argument("--worker-control", help=argparse.SUPPRESS)  # set by the --workers supervisor for its workers
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--capture", help="folder where request inputs are captured for the drift watcher")
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest accepted request body")
@@ -140,14 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a clear message and a non-zero exit, never a bare traceback
         from kompressor.api import SpecError
         from kompressor.console import log
+        from kompressor.errors import write_termination_message
 
         if isinstance(err, SpecError):
             for path, message in err.problems:
                 print(f"error: {path}: {message}", file=sys.stderr)
+            write_termination_message("; ".join(f"{path}: {message}" for path, message in err.problems))
             return 2
         if getattr(err, "user_error", False):  # see kompressor.errors.UserError
             log(str(err), level="error", command=args.command)
+            write_termination_message(str(err))
             return 2
+        write_termination_message(f"{type(err).__name__}: {err}")
         raise
 
 

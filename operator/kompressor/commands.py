@@ -20,8 +20,11 @@ def evaluate_argv(spec: str, candidate: str, out: str) -> list[str]:
     return [*ENTRYPOINT, "evaluate", "--spec", spec, "--candidate", candidate, "--out", out]
 
 
-def serve_argv(artifact: str, name: str, port: int, capture: str | None, host: str = "0.0.0.0") -> list[str]:
+def serve_argv(artifact: str, name: str, port: int, capture: str | None, host: str = "0.0.0.0",
+               grpc_port: int | None = None) -> list[str]:
     argv = [*ENTRYPOINT, "serve", "--artifact", artifact, "--name", name, "--port", str(port), "--host", host]
+    if grpc_port:
+        argv += ["--grpc-port", str(grpc_port)]
     return argv + (["--capture", capture] if capture else [])
 
 

@@ -19,7 +19,6 @@ import pytest
 import yaml
 
 from kompressor.api import SpecError, parse_manifest, to_manifest
-from kompressor.api.fields import snake
 from kompressor.api.spec import CompressedModelSpec
 from kompressor.api.status import CompressedModelStatus
 from kompressor.api.wire import fields_of, from_wire, to_wire
@@ -191,6 +190,10 @@ _SEED_ITEMS = {
 }
 # Other fields a value needs to be valid at its bound (a rule relates them).
 _CONTEXT = {"spec.compression.search.minSparsity": {("spec", "compression", "search", "maxSparsity"): 0.99}}
+# A valid object for each optional section with required fields or rules between its fields, so that one
+# field of it can be tried alone; and the seeded fields a tried field excludes (exactly one target).
+_SEED_OBJECTS = {"spec.serving.autoscaling": {"maxReplicas": 100, "targetConcurrency": 1}}
+_EXCLUDES = {"spec.serving.autoscaling.targetCPUUtilization": ("targetConcurrency",)}
 _WRONG_TYPE = {"number": "1", "integer": 1.5, "string": 5, "boolean": "true", "object": [], "array": {}}
 
 
@@ -229,7 +232,12 @@ def _doc_with(keys: tuple, value) -> dict:
         if isinstance(nxt, int):
             node = node.setdefault(key, [copy.deepcopy(_SEED_ITEMS[_dotted(keys[: i + 1])])])
         else:
+            seed = _SEED_OBJECTS.get(_dotted(keys[: i + 1]))
+            if seed is not None and isinstance(node, dict) and key not in node:
+                node[key] = copy.deepcopy(seed)
             node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
+    for other in _EXCLUDES.get(_dotted(keys), ()):
+        node.pop(other, None)
     node[keys[-1]] = value
     return doc
 
@@ -306,8 +314,13 @@ def test_at_each_inclusive_numeric_bound_both_layers_accept(field, kind, keys, v
     parsed = parse_manifest(doc)
     node = parsed.spec
     for key in keys[1:]:
-        node = node[key] if isinstance(key, int) else getattr(node, snake(key))
+        node = node[key] if isinstance(key, int) else getattr(node, _attribute(type(node), key))
     assert node == value
+
+
+def _attribute(cls: type, wire: str) -> str:
+    """The Python attribute behind a wire name (camelCase, or an override such as targetCPUUtilization)."""
+    return next(info.name for info in fields_of(cls) if info.wire == wire)
 
 
 def _set(doc: dict, keys: tuple, value) -> None:

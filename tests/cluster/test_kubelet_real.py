@@ -5,9 +5,12 @@ exit codes, deletion with grace periods, and the real Job / Deployment / Endpoin
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 
@@ -140,6 +143,23 @@ def test_exit_codes_and_deletion_grace(core, cluster):
     assert 2 <= time.monotonic() - started < 15
 
 
+def test_termination_messages_are_reported_as_the_kubelet_reports_them(core, cluster):
+    """What a container writes to its terminationMessagePath becomes state.terminated.message; with
+    FallbackToLogsOnError, a failed container that wrote nothing gets the last 80 lines of its log."""
+    writes = "import os; open(os.environ['WHY'], 'w').write('the reason it failed'); raise SystemExit(3)"
+    core.create_namespaced_pod(NAMESPACE, _pod("says-why", writes, container={
+        "env": [{"name": "WHY", "value": "/dev/termination-log"}]}))  # the API server's default path
+    crashes = "for i in range(100): print('line', i)\nraise SystemExit(1)"
+    core.create_namespaced_pod(NAMESPACE, _pod("crashes", crashes, container={
+        "terminationMessagePolicy": "FallbackToLogsOnError"}))
+    for name in ("says-why", "crashes"):
+        wait(lambda: _phase(core, name) == "Failed", 60, f"{name} to fail", cluster.diagnostics)
+    said = core.read_namespaced_pod("says-why", NAMESPACE).status.container_statuses[0].state.terminated
+    assert (said.exit_code, said.message) == (3, "the reason it failed")
+    crashed = core.read_namespaced_pod("crashes", NAMESPACE).status.container_statuses[0].state.terminated
+    assert crashed.exit_code == 1 and crashed.message.splitlines() == [f"line {i}" for i in range(20, 100)]
+
+
 def test_probes_restarts_and_endpoints(core, cluster, api_client):
     from kubernetes import client
 
@@ -201,3 +221,41 @@ def test_jobs_complete_and_a_failed_job_stops_on_its_pod_failure_policy(core, cl
     assert done.type == "Complete" and status.succeeded == 1
     done, status = wait(lambda: condition("bad-input"), 120, "the bad-input Job to fail", cluster.diagnostics)
     assert done.type == "Failed" and done.reason == "PodFailurePolicy" and status.failed == 1
+
+
+def test_a_second_kubelet_gives_its_pods_addresses_of_its_own(core, cluster, tmp_path):
+    """Two process kubelets on one machine (a test session's cluster and up.sh's, say) share the Pod
+    network on lo: each takes its own /24 of it, so no two Pods get one address."""
+    from kubernetes.client import V1DeleteOptions
+
+    kubelet_py = Path(__file__).resolve().parents[2] / "e2e" / "cluster" / "kubelet.py"
+    ready = tmp_path / "ready"
+    with open(tmp_path / "kubelet.log", "wb") as out:
+        second = subprocess.Popen([sys.executable, str(kubelet_py), "--kubeconfig", str(cluster.kubeconfig),
+                                   "--state-dir", str(tmp_path / "state"), "--ready-file", str(ready),
+                                   "--cpu-node", "second-cpu", "--gpu-node", "", "--no-provision"],
+                                  stdout=out, stderr=subprocess.STDOUT)
+    names = {"first-kubelet": "kompressor-cpu", "second-kubelet": "second-cpu"}
+    try:
+        wait(lambda: ready.exists() or second.poll() is not None, 60, "the second kubelet to be ready")
+        assert second.poll() is None, (tmp_path / "kubelet.log").read_text()[-3000:]
+        for name, node in names.items():
+            core.create_namespaced_pod(NAMESPACE, _pod(name, "import time; time.sleep(600)", nodeName=node,
+                                                       terminationGracePeriodSeconds=1))
+
+        def addresses():
+            pods = [core.read_namespaced_pod(name, NAMESPACE).status for name in names]
+            return [p.pod_ip for p in pods] if all(p.phase == "Running" and p.pod_ip for p in pods) else None
+
+        first_ip, second_ip = wait(addresses, 60, "both Pods to run with an address",
+                                   lambda: cluster.diagnostics() + (tmp_path / "kubelet.log").read_text()[-2000:])
+        blocks = {ip.rsplit(".", 1)[0] for ip in (first_ip, second_ip)}
+        assert len(blocks) == 2, (first_ip, second_ip)  # different /24s, so never the same address
+        assert json.loads(ready.read_text())["podAddresses"].startswith(second_ip.rsplit(".", 1)[0] + ".")
+    finally:
+        for name in names:
+            core.delete_namespaced_pod(name, NAMESPACE, body=V1DeleteOptions(grace_period_seconds=0))
+        wait(lambda: all(_phase(core, name) == "Gone" for name in names), 60, "both Pods to be gone")
+        second.terminate()
+        second.wait(30)
+        core.delete_node("second-cpu")

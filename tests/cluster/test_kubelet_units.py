@@ -89,3 +89,30 @@ def test_exit_codes_of_signalled_processes_are_128_plus_the_signal():
 @pytest.mark.parametrize("text,value", [("250m", 0.25), ("2Gi", 2 * 2**30), ("1", 1), (3, 3), ("1e3", 1000), ("5M", 5e6)])
 def test_quantities_parse_like_kubernetes(text, value):
     assert kubelet.parse_quantity(text) == pytest.approx(value)
+
+
+def test_each_kubelet_takes_its_own_block_of_pod_addresses(tmp_path):
+    """Two kubelets on one machine (two processes here: a test session's and up.sh's) never share a
+    Pod address: each holds the lock of its own /24, and the kernel frees it when the holder dies."""
+    shim = REPO / "e2e" / "cluster"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, kubelet; a = kubelet.PodAddresses('10.244', sys.argv[1]); "
+         "print(a.cidr, a.allocate('u1'), flush=True); time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True, env={"PYTHONPATH": str(shim)})
+    try:
+        other_cidr, other_ip = holder.stdout.readline().split()
+        mine = kubelet.PodAddresses("10.244", tmp_path)
+        assert mine.cidr != other_cidr
+        ips = [mine.allocate(f"pod-{i}") for i in range(253)]  # .2 to .254 of its block
+        assert len(set(ips)) == 253 and other_ip not in ips
+        with pytest.raises(RuntimeError, match="no Pod address left"):
+            mine.allocate("one-too-many")
+        mine.release("pod-7")
+        assert mine.allocate("next") == ips[7]
+    finally:
+        holder.kill()
+        holder.wait()
+    again = kubelet.PodAddresses("10.244", tmp_path)  # the killed kubelet's block is free again
+    assert again.cidr == other_cidr
+    mine.close()
+    again.close()

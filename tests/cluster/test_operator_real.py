@@ -3,7 +3,8 @@ its Pod runs under the chart's ServiceAccount (every call passes the real RBAC),
 real Job controller and scheduler on the process kubelet's Nodes.
 
 - a GPU pruning Job (examples/digits-cnn-gpu.yaml) lands on the GPU node only; a CPU one on the CPU node;
-- a Job that fails on bad input (exit 2) fails after one Pod (the Job's podFailurePolicy, issue 14);
+- a Job that fails on bad input (exit 2) fails after one Pod (the Job's podFailurePolicy, issue 14), and the
+  model's status says why in the job's own words (its Pod's termination message);
 - a Job left behind by an operator that died before recording it: the create answers 409, and the
   operator carries on with that Job (no duplicate);
 - SIGKILL of the operator at every phase boundary (its process, then its Pod): restarted by the kubelet
@@ -14,6 +15,8 @@ real Job controller and scheduler on the process kubelet's Nodes.
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -175,6 +178,121 @@ def test_a_bad_input_job_fails_after_one_pod(kube):
         failed = [c for c in job.status.conditions or [] if c.type == "Failed" and c.status == "True"]
         assert failed and failed[0].reason == "PodFailurePolicy", job.status.conditions
         assert "bad input, not retried" in (status.get("message") or ""), status.get("message")
+        # The job's own error line (its termination message), not the Job controller's "exit code 2" text.
+        assert "file:///models/missing.pt2: model file not found" in status["message"], status["message"]
+        (pod,) = kube.job_pods(job.metadata.name)
+        terminated = pod.status.container_statuses[0].state.terminated
+        assert "model file not found" in terminated.message and terminated.exit_code == 2, terminated
     finally:
         kube.delete("bad-input")
     wait(lambda: kube.gone("bad-input"), 120, "the model and its Job to be gone", kube.diagnostics)
+
+
+def test_a_job_left_behind_answers_409_and_is_adopted(kube, cluster):
+    """The operator is stopped; the Job it would create already exists (as when it died after creating it,
+    before anything recorded it). Started again, its create gets 409 Conflict from the real server, and
+    it carries on with that very Job."""
+    from kompressor.api.manifest import parse_manifest
+
+    kube.apps.patch_namespaced_deployment_scale("kompressor", NAMESPACE, {"spec": {"replicas": 0}})
+    wait(lambda: not kube.operator_pods(), 120, "the operator Pod to be gone", kube.diagnostics)
+    try:
+        created = kube.create(digits_model("left-behind"))
+        # What the operator builds for its first action: read its Job from the operator's own builder.
+        from kompressor.core.actions import RunJob
+        from kompressor.k8s import children
+        from kompressor.k8s.storage import pod_store
+
+        cm = parse_manifest(created)
+        store = pod_store("pvc://kompressor-artifacts/artifacts")  # the chart's default store
+        action = _first_prune_action(cm)
+        assert isinstance(action, RunJob)
+        kube.core.create_namespaced_config_map(NAMESPACE, children.spec_configmap(cm))
+        body = children.job(cm, action, store)
+        existing = kube.batch.create_namespaced_job(NAMESPACE, body)
+    finally:
+        kube.apps.patch_namespaced_deployment_scale("kompressor", NAMESPACE, {"spec": {"replicas": 1}})
+    wait(kube.ready_operator, 180, "the operator to be Ready again", kube.diagnostics)
+    status = wait(lambda: kube.status("left-behind").get("phase") in ("Evaluating", "Serving")
+                  and kube.status("left-behind"), 300, "the model to get past compression",
+                  lambda: kube.diagnostics("left-behind"))
+    prunes = [j for j in kube.jobs("left-behind") if j.metadata.name == existing.metadata.name]
+    assert prunes and prunes[0].metadata.uid == existing.metadata.uid, "the Job left behind was replaced"
+    assert len([j for j in kube.jobs("left-behind") if "prune" in j.metadata.name]) == 1
+    assert status.get("phase") != "Failed", status
+    kube.delete("left-behind")
+    wait(lambda: kube.gone("left-behind"), 120, "the model and its Jobs to be gone", kube.diagnostics)
+
+
+def _first_prune_action(cm):
+    """The operator core's first action for a new resource: the prune Job of revision 1."""
+    import datetime
+
+    from kompressor.core.actions import RunJob
+    from kompressor.core.observed import Observed
+    from kompressor.core.reconcile import reconcile
+
+    decision = reconcile(Observed(model=cm, now=datetime.datetime.now(datetime.timezone.utc)))
+    jobs = [a for a in decision.actions if isinstance(a, RunJob)]
+    assert jobs, decision
+    return jobs[0]
+
+
+def _operator_pid(kube: Kube) -> int:
+    pod = kube.ready_operator()
+    assert pod is not None
+    return int(pod.status.container_statuses[0].container_id.split("://", 1)[1])
+
+
+def test_sigkill_at_every_phase_boundary_loses_nothing(kube):
+    """At each phase the model reaches, the operator is killed: its process (SIGKILL; the kubelet restarts
+    the container), then its Pod (deleted with no grace; the Deployment's ReplicaSet makes a new one), in
+    turn. The model still reaches Serving with one Job per stage and every revision recorded once."""
+    from kubernetes.client import V1DeleteOptions
+
+    from kompressor.api.defaults import BASELINE_REVISION
+    from kompressor.core.names import job_name
+
+    kube.create(digits_model("killed"))
+    seen: list[str] = []
+    while not seen or seen[-1] not in ("Serving", "Failed"):
+        phase = wait(lambda: (p := kube.status("killed").get("phase")) not in (None, *seen) and p, 300,
+                     f"a phase after {seen}", lambda: kube.diagnostics("killed"))
+        seen.append(phase)
+        if phase in ("Serving", "Failed"):
+            break
+        pod = wait(kube.ready_operator, 180, "a Ready operator", kube.diagnostics)
+        if len(seen) % 2:  # the process: the kubelet restarts the container
+            os.kill(_operator_pid(kube), signal.SIGKILL)
+            wait(lambda: (p := kube.ready_operator()) is not None and p.status.container_statuses[0].restart_count
+                 > pod.status.container_statuses[0].restart_count, 180, "the operator container to restart",
+                 kube.diagnostics)
+        else:  # the Pod, with no grace: the ReplicaSet makes a new one
+            kube.core.delete_namespaced_pod(pod.metadata.name, NAMESPACE, body=V1DeleteOptions(grace_period_seconds=0))
+            wait(lambda: (p := kube.ready_operator()) is not None and p.metadata.uid != pod.metadata.uid, 180,
+                 "a new operator Pod", kube.diagnostics)
+    assert seen[-1] == "Serving", f"phases {seen}\n{kube.diagnostics('killed')}"
+    assert len(seen) >= 3, seen  # at least one kill of each kind
+    status = kube.status("killed")
+    names = sorted(j.metadata.name for j in kube.jobs("killed"))
+    # Job names are deterministic: a duplicate would be a Job of another revision or generation.
+    assert names == sorted(job_name("killed", kind, 1, 1) for kind in ("prune", "evaluate")), names
+    assert status["currentRevision"] == 1
+    revisions = [r["revision"] for r in status["revisions"]]
+    assert revisions == [BASELINE_REVISION, 1], revisions  # the baseline and the one candidate: none lost or doubled
+    kube.delete("killed")
+    wait(lambda: kube.gone("killed"), 120, "the model and its children to be gone", kube.diagnostics)
+
+
+def test_watches_recover_after_the_control_plane_restarts(kube, cluster):
+    kube.create(digits_model("before-restart"))
+    wait(lambda: kube.jobs("before-restart"), 120, "the first Job", kube.diagnostics)
+    cluster.restart_control_plane()
+    kube.create(digits_model("after-restart"))
+    for name in ("before-restart", "after-restart"):
+        wait(lambda: kube.status(name).get("phase") == "Serving", 600, f"{name} to be Serving",
+             lambda: kube.diagnostics(name))
+    for name in ("before-restart", "after-restart"):
+        kube.delete(name)
+    wait(lambda: kube.gone("before-restart") and kube.gone("after-restart"), 120, "both models to be gone",
+         kube.diagnostics)

@@ -26,6 +26,15 @@ def test_eval_disagreeing_with_validation_is_in_the_compressed_condition():
     assert "next passing probe (0.8) was kept" in message and "2 candidates touched the eval data" in message
 
 
+def test_running_out_of_kept_probes_is_in_the_compressed_condition():
+    why = ("every kept probe that passed on validation (0.9, 0.8) failed on eval; 1 more passed on validation (0.7) "
+           "but was not kept (compression.search.maxAlternates: 1), so none is left to try")
+    search = {"validationChoice": 0.9, "evalDisagreed": [0.9, 0.8], "fellBack": False, "chosenSparsity": 0.9,
+              "probesOnEval": 2, "notKept": [0.7], "message": why}
+    message = condition(evaluated(replace(make_report(1, sparsity=0.9), search=search)), "Compressed").message
+    assert why in message
+
+
 def test_an_agreeing_search_adds_nothing():
     report = replace(make_report(1), search={"evalDisagreed": [], "probesOnEval": 1, "fellBack": False})
     assert "disagreed" not in condition(evaluated(report), "Compressed").message

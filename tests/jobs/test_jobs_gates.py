@@ -103,6 +103,23 @@ def test_no_quality_gate_means_the_tasks_default_gate(task, measured, outcome):
     assert outcomes(opted_out) == {"maxSizeRatio": "Successful"} and opted_out.passed is True
 
 
+def test_kubectl_explain_names_the_default_gates_and_the_opt_out():
+    """What `kubectl explain compressedmodel.spec.gates[.defaults]` prints: the committed CRD's descriptions."""
+    from pathlib import Path
+
+    import yaml
+
+    crd = Path(__file__).resolve().parents[2] / "crds" / "compressedmodels.kompressor.io.yaml"
+    schema = yaml.safe_load(crd.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    gates = schema["properties"]["spec"]["properties"]["gates"]
+    text = " ".join(gates["properties"]["defaults"]["description"].split())
+    for task, defaults in d.DEFAULT_QUALITY_GATES.items():
+        [(gate, threshold)] = defaults.items()
+        assert f"{task}: {gate} {threshold}" in text
+    assert "false opts out explicitly" in text and gates["properties"]["defaults"]["default"] is True
+    assert "default quality gate applies" in " ".join(gates["description"].split())
+
+
 def test_any_quality_gate_replaces_the_default():
     for spec in (GatesSpec(min_f1=0.5), GatesSpec(slices=[SliceGate(name="a", min_accuracy=0.5)]),
                  GatesSpec(min_agreement=0.5)):

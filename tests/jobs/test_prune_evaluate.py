@@ -210,6 +210,45 @@ def test_each_gate_fails_on_its_own_when_the_model_is_pruned_too_far(jobs, write
 # The accuracy-aware search (validation probes, eval confirmation, fallback): tests/jobs/test_search.py
 
 
+def rows_sha256(feed: dict) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for array in feed.values():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def test_the_onnx_parity_check_reads_validation_rows_never_eval(jobs, write_spec, tmp_path):
+    """Eval is left to the gates: prune's export parity check runs on validation rows. The eval file here is
+    finite but overflows the model (ONNX Runtime answers NaN on it), so a parity check on it could not pass:
+    prune succeeds only if parity never reads eval, and the manifests name the rows it did read."""
+    from kompressor.api import defaults as d
+    from kompressor_jobs.data import split_validation
+
+    pool = load_dataset("builtin://breast_cancer?split=eval")
+    signs = np.where(np.arange(pool.X.shape[1]) % 2 == 0, 1.0, -1.0).astype(np.float32)
+    poisoned = tmp_path / "eval-overflows.npz"
+    np.savez(poisoned, X=np.broadcast_to(signs * np.float32(3e38), pool.X.shape).copy(), y=pool.y)
+    spec = write_spec({"data": {"eval": f"file://{poisoned}"}, "compression": {"pruning": {"fineTuneEpochs": 0}}})
+    candidate = tmp_path / "candidate"
+    code, err = jobs.run("prune", "--spec", str(spec), "--out", str(candidate),
+                         "--baseline-cache", str(tmp_path / "fresh-baselines"))  # the baseline is exported here too
+    assert code == 0, err
+    manifest = json.loads((candidate / "manifest.json").read_text())
+    baseline = resolve_local(manifest["baseline"]["uri"])
+    outputs = ort_predict(baseline / "model.onnx", load_dataset(f"file://{poisoned}").X[:8])
+    assert np.isnan(outputs).any(), "the eval rows should make ONNX Runtime answer NaN (no parity possible)"
+    # the rows checked are the first 64 of the held-out validation split, byte for byte
+    _, validation = split_validation(load_dataset("builtin://breast_cancer?split=train"), d.VALIDATION_FRACTION,
+                                     d.VALIDATION_SEED)
+    expected = {"data": "validation", "rows": 64, "sha256": rows_sha256(validation.feed(0, 64))}
+    for record in (manifest["achieved"]["parityRows"], verify_artifact(baseline)["parityRows"]):
+        assert {k: record[k] for k in expected} == expected
+    assert "parity" in manifest["data"]["validation"]["usedFor"]
+    assert "gates only" in manifest["data"]["eval"]["usedFor"]
+
+
 def test_baseline_is_exported_once_per_source_digest(jobs, write_spec):
     spec = write_spec({"compression": {"pruning": {"fineTuneEpochs": 0}}})
     _, first, _ = jobs.prune_and_evaluate(spec, "r1")

@@ -21,9 +21,8 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from kompressor_jobs.compress.quantization import (
-    QuantizationFidelityError, fallback_counts, fidelity, outputs, quantize,
-)
+from kompressor_jobs.compress.quantization import QuantizationFidelityError, fidelity, outputs, quantize
+from kompressor_jobs.compress.quantization_fallback import fallback_limit, search_counts
 
 OPSET = [helper.make_opsetid("", 17)]
 
@@ -149,7 +148,7 @@ def test_fallback_keeps_the_sensitive_node_in_float_and_names_it(tmp_path):
     model, sensitive = sensitive_mlp(tmp_path / "mlp.onnx", outliers=1)
     out = tmp_path / "int8.onnx"
     result = quantize(model, out, "dynamic-int8", _clustered(256, 1), _clustered(400, 2), min_agreement=0.99,
-                      max_fallback_nodes=3)
+                      max_fallback_nodes=3, max_fallback_fraction=1.0)
     facts = result.facts
     assert facts["fidelity"]["int8Only"] < 0.99  # plain INT8 misses the floor ...
     assert result.passed and result.fidelity >= 0.99  # ... the fallback reaches it
@@ -166,6 +165,43 @@ def test_fallback_keeps_the_sensitive_node_in_float_and_names_it(tmp_path):
     assert fidelity(outputs(model, validation), outputs(out, validation)) == pytest.approx(result.fidelity, abs=1e-6)
 
 
+def test_fallback_ranks_from_one_quantization_and_says_why(tmp_path):
+    model, sensitive = sensitive_mlp(tmp_path / "mlp.onnx", outliers=1)
+    result = quantize(model, tmp_path / "int8.onnx", "dynamic-int8", _clustered(256, 1), _clustered(400, 2),
+                      min_agreement=0.99, max_fallback_fraction=1.0)
+    fallback = result.facts["fallback"]
+    assert result.passed and _sources(result.nodes_in_float) == sensitive
+    # One quantization for the ranking (the plain INT8 model), then one per count tried: no re-quantization
+    # per ranked node.
+    assert fallback["ranking"]["rankedNodes"] == result.facts["quantizedNodes"] == 4
+    assert fallback["quantizations"] == len(fallback["tried"]) == 2  # plain INT8, then 1 node in float
+    why = fallback["why"][0]
+    others = [row["errorAloneQuantized"] for row in fallback["ranking"]["top"][1:]]
+    assert why["errorAloneQuantized"] > 10 * max(others)  # the outlier's node, by far
+    assert why["localRelativeError"] > 0
+
+
+def test_static_qdq_fallback_finds_the_hostile_node_too(tmp_path):
+    model, sensitive = sensitive_mlp(tmp_path / "mlp.onnx", outliers=1)
+    result = quantize(model, tmp_path / "int8.onnx", "static-int8", _clustered(256, 1), _clustered(400, 2),
+                      min_agreement=0.99, max_fallback_fraction=1.0)
+    assert result.facts["fidelity"]["int8Only"] < 0.99 <= result.fidelity and result.passed
+    kept = _sources(result.nodes_in_float)
+    assert kept[0] == sensitive[0]  # ranked first, from the QDQ graph (where Relus fold into their Gemm) ...
+    # ... and at most one neighbour with it: in QDQ, a Gemm kept in float no longer quantizes its input, and
+    # the Gemm before it then quantizes the dead unit's -1e3 with the rest of its output.
+    assert len(kept) <= 2 and result.facts["fallback"]["quantizations"] <= 3
+
+
+def test_without_the_fallback_the_hostile_node_fails_the_floor(tmp_path):
+    model, _ = sensitive_mlp(tmp_path / "mlp.onnx", outliers=1)
+    for off in ({"max_fallback_fraction": 0.0}, {"max_fallback_nodes": 0}, {"fallback": False}):
+        with pytest.raises(QuantizationFidelityError, match="below minAgreement 0.99"):
+            quantize(model, tmp_path / "int8.onnx", "dynamic-int8", _clustered(256, 1), _clustered(400, 2),
+                     min_agreement=0.99, **off)
+        assert not (tmp_path / "int8.onnx").exists()
+
+
 def test_fallback_fails_when_max_fallback_nodes_is_not_enough(tmp_path):
     model, sensitive = sensitive_mlp(tmp_path / "mlp.onnx", outliers=2)
     out = tmp_path / "int8.onnx"
@@ -174,7 +210,7 @@ def test_fallback_fails_when_max_fallback_nodes_is_not_enough(tmp_path):
                  max_fallback_nodes=1)
     assert not out.exists()
     result = quantize(model, out, "dynamic-int8", _clustered(256, 1), _clustered(400, 2), min_agreement=0.99,
-                      max_fallback_nodes=4)
+                      max_fallback_nodes=4, max_fallback_fraction=1.0)
     assert result.passed and sorted(_sources(result.nodes_in_float)) == sorted(sensitive)
     # Without raising, the failure is a fact the gates can read.
     failed = quantize(model, out, "dynamic-int8", _clustered(256, 1), _clustered(400, 2), min_agreement=0.99,
@@ -194,7 +230,7 @@ def test_min_agreement_zero_opts_out_but_still_measures(tmp_path):
 def test_embedding_fidelity_is_cosine_similarity_and_drives_the_fallback(tmp_path):
     model, sensitive = sensitive_mlp(tmp_path / "mlp.onnx", outliers=1)
     result = quantize(model, tmp_path / "int8.onnx", "dynamic-int8", _clustered(128, 1), _clustered(200, 2),
-                      task="embedding", min_agreement=0.999, max_fallback_nodes=2)
+                      task="embedding", min_agreement=0.999, max_fallback_nodes=2, max_fallback_fraction=1.0)
     assert result.facts["fidelity"]["metric"] == "cosineSimilarity"
     assert result.facts["fallback"]["ranking"]["metric"] == "relativeSquaredError"
     assert result.facts["fidelity"]["int8Only"] < 0.999 <= result.fidelity and result.passed
@@ -205,11 +241,24 @@ def test_embedding_fidelity_is_cosine_similarity_and_drives_the_fallback(tmp_pat
     assert fidelity(a, -a, "regression") == pytest.approx(-1.0)
 
 
-def test_fallback_counts_grow_and_end_at_the_limit():
-    assert fallback_counts(1) == [1]
-    assert fallback_counts(5) == [1, 2, 3, 4, 5]
-    counts = fallback_counts(64)
-    assert counts[:4] == [1, 2, 3, 4] and counts[-1] == 64 and counts == sorted(set(counts)) and len(counts) < 16
+def test_search_finds_the_fewest_passing_count_in_about_two_log2_tries():
+    for needed in (1, 2, 3, 5, 8, 13):
+        tried = []
+
+        def passes(count, needed=needed):
+            tried.append(count)
+            return count >= needed
+
+        assert search_counts(13, passes) == needed
+        assert len(tried) <= 2 * max(1, (needed - 1).bit_length()) + 1 and len(set(tried)) == len(tried)
+    assert search_counts(13, lambda count: False) is None  # fails only when even the limit fails
+
+
+def test_fallback_limit_is_a_fraction_of_the_quantized_nodes_capped_by_a_count():
+    assert fallback_limit(26, None, 0.25) == 7  # rounded up
+    assert fallback_limit(26, 3, 0.25) == 3 and fallback_limit(26, 0, 0.25) == 0
+    assert fallback_limit(4, None, 0.25) == 1 and fallback_limit(4, None, 0.0) == 0
+    assert fallback_limit(4, 10, 1.0) == 4
 
 
 # --- static QDQ -----------------------------------------------------------------------------------

@@ -55,8 +55,10 @@ def test_probes_are_judged_on_validation_and_the_sparsest_pass_is_kept(jobs, wri
         assert r["gates"]["passed"] == (base_val - r["metrics"]["accuracy"] <= 0.02 + 1e-6), r
     chosen = next(r for r in rows if r["chosen"])
     assert chosen["metrics"]["accuracy"] == pytest.approx(accuracy(candidate, validation), abs=1e-6)
-    # the other passing probes are kept, sparsest first, each a complete artifact
-    assert [s for s, _ in alts] == sorted((s for s in passing if s != max(passing)), reverse=True)
+    # the next passing probes (at most maxAlternates, default 2) are kept, sparsest first, each a complete artifact
+    others = sorted((s for s in passing if s != max(passing)), reverse=True)
+    assert [s for s, _ in alts] == others[:d.SEARCH_MAX_ALTERNATES]
+    assert manifest["search"]["notKeptSparsities"] == others[d.SEARCH_MAX_ALTERNATES:]
     for _, folder in alts:
         verify_artifact(folder)
     # the gates judged eval alone, and eval confirmed the choice: one candidate touched the eval data
@@ -66,30 +68,63 @@ def test_probes_are_judged_on_validation_and_the_sparsest_pass_is_kept(jobs, wri
     card = json.loads((candidate.parent / "eval" / "model_card.json").read_text())
     assert card["probes"] == len(rows) and card["probesOnEval"] == metrics["search"]["probesOnEval"]
     assert card["data"]["validation"]["heldOutOf"] == TRAIN
+    # the export's parity check read validation rows too: the card says which
+    assert manifest["achieved"]["parityRows"]["data"] == "validation"
+    assert "ONNX parity" in (markdown := (candidate.parent / "eval" / "model_card.md").read_text())
+    assert f"on {manifest['achieved']['parityRows']['rows']} validation rows" in markdown
 
 
-def test_eval_disagreeing_with_validation_tries_every_passing_probe_and_says_so(jobs, write_spec, tmp_path):
-    # Validation = the training rows (the model fits them): every probe looks good there, while on eval even
-    # the baseline misses minAccuracy 0.975 -- eval disagrees with validation on every passing probe.
+def seen_rows_spec(write_spec, tmp_path, max_alternates: int):
+    """Validation = the training rows (the model fits them): every probe looks good there, while on eval even
+    the baseline misses minAccuracy 0.975 -- eval disagrees with validation on every passing probe."""
     train = load_dataset(TRAIN)
     path = tmp_path / "seen.npz"
     np.savez(path, X=train.X, y=train.y)
-    spec = write_spec({"data": {"validation": f"file://{path}"},
-                       "compression": {"search": {"enabled": True, "minSparsity": 0.3, "maxSparsity": 0.99,
-                                                  "maxProbes": 4}, "pruning": {"fineTuneEpochs": 0}},
-                       "gates": {"minAccuracy": 0.975}})
+    return path, write_spec({"data": {"validation": f"file://{path}"},
+                             "compression": {"search": {"enabled": True, "minSparsity": 0.3, "maxSparsity": 0.99,
+                                                        "maxProbes": 4, "maxAlternates": max_alternates},
+                                             "pruning": {"fineTuneEpochs": 0}},
+                             "gates": {"minAccuracy": 0.975}})
+
+
+def test_eval_disagreeing_with_validation_tries_every_kept_passing_probe_and_says_so(jobs, write_spec, tmp_path):
+    path, spec = seen_rows_spec(write_spec, tmp_path, max_alternates=1)
     candidate, manifest, metrics = jobs.prune_and_evaluate(spec)
     assert manifest["data"]["validation"]["uri"] == f"file://{path}"
     rows, alts = alternates(candidate, "probes.json")
     passing = sorted((r["sparsity"] for r in rows if r["gates"]["passed"]), reverse=True)
-    assert len(passing) >= 2, "probes judged on the training rows should pass (99 % sparsity alone fails)"
+    assert len(passing) >= 3, "probes judged on the training rows should pass (99 % sparsity alone fails)"
+    kept, not_kept = passing[:2], passing[2:]  # the chosen probe and maxAlternates=1 alternate
+    assert [s for s, _ in alts] == kept[1:] and len(list((candidate / "alternates").iterdir())) == 1
+    assert manifest["search"]["notKeptSparsities"] == not_kept
+    assert sorted((r["sparsity"] for r in rows if r.get("notKept")), reverse=True) == not_kept
+    assert all(r["artifact"] is None for r in rows if r.get("notKept"))
     report = EvalReport.read(candidate.parent / "eval")
     assert report.gates.passed is False
-    assert report.search["evalDisagreed"] == passing  # the kept one, then each fallback in order
-    assert report.search["probesOnEval"] == len(passing) and report.search["fellBack"] is False
+    assert report.search["evalDisagreed"] == kept  # the chosen one, then the kept fallback, in order
+    assert report.search["probesOnEval"] == 2 and report.search["fellBack"] is False
     assert report.artifact.uri == candidate.as_uri()
+    assert "none is left to try" in report.search["message"]
+    assert "maxAlternates: 1), so none is left to try" in report.search["message"]
+    assert all(str(s) in report.search["message"] for s in not_kept)
     card = (candidate.parent / "eval" / "model_card.md").read_text()
-    assert f"candidates measured on eval: {len(passing)}" in card and "eval disagreed with validation" in card
+    assert "candidates measured on eval: 2" in card and "eval disagreed with validation" in card
+    assert report.search["message"] in card
+
+
+def test_max_alternates_zero_keeps_no_copy_and_falls_back_to_nothing(jobs, write_spec, tmp_path):
+    _, spec = seen_rows_spec(write_spec, tmp_path, max_alternates=0)
+    candidate, manifest, _ = jobs.prune_and_evaluate(spec)
+    rows = json.loads((candidate / "probes.json").read_text())
+    passing = sorted((r["sparsity"] for r in rows if r["gates"]["passed"]), reverse=True)
+    assert len(passing) >= 2, "probes judged on the training rows should pass (99 % sparsity alone fails)"
+    assert not (candidate / "alternates").exists()  # no full copy of any other probe
+    assert manifest["search"]["maxAlternates"] == 0 and manifest["search"]["notKeptSparsities"] == passing[1:]
+    assert not any(r["fallbackRank"] for r in rows)
+    report = EvalReport.read(candidate.parent / "eval")
+    assert report.gates.passed is False and report.search["probesOnEval"] == 1
+    assert report.search["evalDisagreed"] == passing[:1] and report.search["notKept"] == passing[1:]
+    assert "maxAlternates: 0" in report.search["message"] and "none is left to try" in report.search["message"]
 
 
 def test_the_next_passing_probe_is_kept_when_it_passes_on_eval(jobs, write_spec, tmp_path):

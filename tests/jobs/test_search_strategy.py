@@ -65,3 +65,25 @@ def test_nothing_passing_spends_the_budget_on_the_widest_gaps():
 def test_budgets(max_probes):
     tried = run(lambda s: s <= 0.5, max_probes=max_probes)
     assert tried[0][0] == 0.95 and len(tried) <= max_probes
+
+
+def test_kubectl_explain_documents_the_alternates_cap():
+    """`kubectl explain compressedmodel.spec.compression.search.maxAlternates` prints the committed CRD's
+    description and default (the chart ships the same CRD)."""
+    from pathlib import Path
+
+    import yaml
+
+    from kompressor.api import defaults as d
+
+    root = Path(__file__).resolve().parents[2]
+    for crd_file in (root / "crds" / "compressedmodels.kompressor.io.yaml",
+                     root / "charts" / "kompressor" / "crds" / "compressedmodels.kompressor.io.yaml"):
+        schema = yaml.safe_load(crd_file.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        search = schema["properties"]["spec"]["properties"]["compression"]["properties"]["search"]
+        field = search["properties"]["maxAlternates"]
+        assert (field["type"], field["default"], field["minimum"], field["maximum"]) == (
+            "integer", d.SEARCH_MAX_ALTERNATES, 0, 19), crd_file
+        text = " ".join(field["description"].split())
+        assert "alternates/" in text and "full copy of the model" in text and "0 keeps none" in text
+        assert "the evaluate Job tries only these" in text and "says when none is left" in text

@@ -1,6 +1,7 @@
 """The Kopf adapters' pure parts and contracts: light imports, RBAC derived from the code,
 the objects built for RunJob/Serve, status patches. Fast: no cluster."""
 
+import os
 import subprocess
 import sys
 
@@ -139,3 +140,44 @@ def test_a_job_failed_by_its_pod_failure_policy_is_bad_input():
     assert (bad.phase, bad.bad_input) == ("Failed", True) and "exit code 2" in bad.message
     other = failed("BackoffLimitExceeded", "Job has reached the specified backoff limit")
     assert (other.phase, other.bad_input) == ("Failed", False)
+
+
+def test_a_failed_job_says_why_with_its_pod_s_termination_message():
+    """The last failed Pod's message for the Job's container (its last line: the job's own error, or the
+    last line of a crash's log tail) replaces the Job controller's text; none found keeps that text."""
+    from kompressor.k8s.observe import job_state, pod_failure_message, with_message
+
+    def pod(finished, message, code=2, container="prune"):
+        return {"status": {"phase": "Failed", "containerStatuses": [{"name": container, "state": {"terminated": {
+            "exitCode": code, "finishedAt": finished, "message": message}}}]}}
+
+    pods = [pod("2026-12-01T10:02:00Z", "model file not found: /models/missing.pt2\n"),
+            pod("2026-12-01T10:01:00Z", "older"),
+            pod("2026-12-01T10:03:00Z", "a sidecar's", container="other"),
+            pod("2026-12-01T10:04:00Z", "fine", code=0)]
+    assert pod_failure_message(pods, "prune") == "model file not found: /models/missing.pt2"
+    tail = "Traceback (most recent call last):\n  File \"x.py\", line 1\nMemoryError: out of memory\n\n"
+    assert pod_failure_message([pod("t", tail, code=1)], "prune") == "MemoryError: out of memory"
+    assert pod_failure_message([], "prune") == "" and pod_failure_message([pod("t", "")], "prune") == ""
+    labels = {d.LABEL_COMPONENT: "prune", d.LABEL_REVISION: "1", f"{d.GROUP}/generation": "1"}
+    job = job_state("m-r1-g1-prune", labels, {"conditions": [
+        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy", "message": "exit code 2"}]})
+    assert with_message(job, "model file not found").message == "model file not found"
+    assert with_message(job, "").message == "exit code 2" and with_message(job, "x").bad_input
+
+
+def test_a_command_in_a_pod_writes_why_it_failed_to_its_termination_log(tmp_path):
+    """Exit 2 on bad input, with the same lines as on stderr in $KOMPRESSOR_TERMINATION_LOG (the Pod's
+    terminationMessagePath), which the kubelet reports and the operator copies into the model's status."""
+    from kompressor.errors import TERMINATION_LOG_ENV
+
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("apiVersion: kompressor.io/v1alpha1\nkind: CompressedModel\nmetadata: {name: x}\n"
+                    "spec: {model: {uri: 5}}\n")
+    log = tmp_path / "termination-log"
+    out = subprocess.run([sys.executable, "-m", "kompressor.cli", "evaluate", "--spec", str(spec), "--candidate",
+                          str(tmp_path / "c"), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                         env={**os.environ, TERMINATION_LOG_ENV: str(log)}, timeout=60)
+    assert out.returncode == 2
+    assert "spec.model.uri: must be a string" in log.read_text()
+    assert all(line.removeprefix("error: ") in log.read_text() for line in out.stderr.splitlines())

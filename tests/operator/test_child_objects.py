@@ -247,6 +247,22 @@ def test_bad_input_fails_a_job_at_once_and_disruptions_are_not_counted(objects):
     assert seen == 2 * len(MODELS)
 
 
+def test_a_job_says_why_it_failed_in_its_termination_message(objects):
+    """The job writes its error line where the kubelet reads the termination message (the CLI is told the
+    path by env); a crash that writes nothing leaves the tail of its log there instead."""
+    from kompressor.errors import TERMINATION_LOG_ENV
+
+    seen = 0
+    for objs in objects.values():
+        for job in jobs_of(objs):
+            [c] = job["spec"]["template"]["spec"]["containers"]
+            assert c["terminationMessagePath"] == children.TERMINATION_LOG == "/dev/termination-log"
+            assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+            assert {"name": TERMINATION_LOG_ENV, "value": c["terminationMessagePath"]} in c["env"]
+            seen += 1
+    assert seen == 2 * len(MODELS)
+
+
 def test_the_schema_check_sees_the_pod_failure_policy(objects):
     """The 1.30 schema validates podFailurePolicy: a misspelt rule is refused (so the test above it is not
     checking a field the schema ignores)."""
@@ -359,3 +375,27 @@ def test_the_chart_podmonitor_scrapes_serving_and_watcher_pods(objects):
     # the operator's own Pods are not among them (its Service/ServiceMonitor covers it)
     operator_pod = chartkit.one(chartkit.render(values), "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert not _selects(monitor["spec"]["selector"], operator_pod)
+
+
+def test_spec_serving_grpc_port_opens_the_grpc_port_on_the_pod_and_service():
+    """spec.serving.grpcPort: `kompressor serve --grpc-port`, a "grpc" container port and Service port (HTTP/2
+    without TLS), valid for Kubernetes 1.30; unset (the default): REST only, as before."""
+    base = copy.deepcopy(next(iter(MODELS)))
+    for grpc_port in (9000, None):
+        cm = copy.deepcopy(base)
+        cm.spec.serving.grpc_port = grpc_port
+        objs = children_of(cm)
+        serving = container(objs, "serving")
+        [svc] = [o for o in objs if o["kind"] == "Service"]
+        for obj in (svc, *[o for o in objs if o["kind"] == "Deployment"]):
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        argv = serving["command"]
+        if grpc_port is None:
+            assert "--grpc-port" not in argv
+            assert [p["name"] for p in serving["ports"]] == ["http"]
+            assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
+            continue
+        assert argv[argv.index("--grpc-port") + 1] == "9000"
+        assert {"name": "grpc", "containerPort": 9000} in serving["ports"]
+        assert {"name": "grpc", "port": 9000, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"} in \
+            svc["spec"]["ports"]

@@ -89,12 +89,18 @@ class Server:
     """`kompressor serve` as a subprocess on a free loopback port."""
 
     def __init__(self, artifact: Path, name: str, capture: Path | None = None, log: Path | None = None,
-                 extra: list[str] | None = None):
+                 extra: list[str] | None = None, grpc: bool = False):
         self.port = free_port()
         self.name = name
         self.url = f"http://127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "kompressor.cli", "--json-logs", "serve", "--artifact", str(artifact),
                 "--name", name, "--port", str(self.port), "--host", "127.0.0.1"]
+        self.grpc_port = None
+        while grpc and self.grpc_port in (None, self.port):  # gRPC listens before REST answers ready
+            self.grpc_port = free_port()
+        self.grpc_target = f"127.0.0.1:{self.grpc_port}" if grpc else None
+        if grpc:
+            argv += ["--grpc-port", str(self.grpc_port)]
         if capture is not None:
             argv += ["--capture", str(capture)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "KOMPRESSOR_ORT_THREADS": "1"}

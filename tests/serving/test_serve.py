@@ -149,7 +149,8 @@ BAD_INPUTS = [
     ("integer beyond INT64", "", _bad(datatype="INT64", data=[2 ** 70] + [0] * (N_FEATURES - 1)), 400),
     ("id not a string", "", {**_bad(), "id": 12}, 400),
     ("unknown requested output", "", {**_bad(), "outputs": [{"name": "probabilities"}]}, 400),
-    ("binary tensor extension", "", _bad(parameters={"binary_data_size": 32}), 400),
+    ("binary_data_size without binary data", "", {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 8],
+                                                               "parameters": {"binary_data_size": 32}}]}, 400),
     ("unknown model", "/v2/models/other/infer", _bad(), 404),
     ("wrong version", "/v2/models/mlp/versions/9/infer", _bad(), 404),
     ("body over --max-body-bytes", "", b" " * (9 * 1024 * 1024), 413),
@@ -313,3 +314,24 @@ def test_failed_swaps_keep_the_old_model_serving(server, artifacts, tmp_path):
     assert http("GET", f"{server.url}/v2/models/mlp")[1]["versions"] == ["1"]
     status, out = http("POST", server.infer_url(), infer_body(np.zeros((1, N_FEATURES), np.float32)))
     assert status == 200 and out["model_version"] == "1"
+
+
+def test_requests_in_flight_gauge_counts_a_request_being_answered(server):
+    """kompressor_inference_requests_in_flight (what spec.serving.autoscaling.targetConcurrency scales on) is 1
+    while a request's body is still arriving, and back to 0 once it is answered."""
+    import socket
+
+    body = json.dumps(infer_body(np.zeros((1, N_FEATURES), np.float32))).encode()
+    head = (f"POST /v2/models/mlp/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    gauge = lambda: metric_value(server.metrics(), "kompressor_inference_requests_in_flight", model="mlp")  # noqa: E731
+    assert gauge() == 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head + body[:10])
+        wait_for(lambda: gauge() == 1, what="the request in flight")
+        sock.sendall(body[10:])
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    wait_for(lambda: gauge() == 0, what="the gauge back at 0")

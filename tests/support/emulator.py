@@ -1,18 +1,24 @@
-"""A loopback Kubernetes API for the operator's tests: kmock 0.8's KubernetesEmulator plus the
-few things it lacks, all in this one module (each is proven needed in
-tests/operator/test_emulator_harness.py):
+"""A loopback Kubernetes API for the operator's fast tests: kmock 0.8's KubernetesEmulator plus what
+the operator and Kopf cannot run without. The truth is the real control plane of e2e/cluster
+(tests/cluster, the e2e ``cluster`` target); the emulator stays for speed: the operator-level tests
+(tests/operator, the e2e ``emulator`` target, bench/operator.py) start in a second, with no Go build,
+and record every write with its time.
 
-1. Resources are registered explicitly (discovery answers only for registered ones).
-2. Metadata a real API server fills: uid, resourceVersion, creationTimestamp, generation
-   (bumped on spec changes, never on /status patches). kmock fills none of them.
-3. Garbage collection by ownerReferences (kmock has no garbage collector): deleting an object
-   deletes, in cascade, everything whose ownerReferences name its uid.
-4. A JSON patch whose ``test`` op fails (Kopf's optimistic concurrency on resourceVersion, once
-   resourceVersions exist) answers HTTP 422 like the API server, not kmock's HTTP 500.
-5. kmock records every request and matches each new one by scanning that record (quadratic:
+What it still adds to kmock, each shown needed in tests/operator/test_emulator_harness.py:
+
+1. Resources registered explicitly (kmock's discovery answers only for registered ones), namespaces
+   included: Kopf does not start handling without it in discovery, even cluster-wide.
+2. Metadata a real API server fills: uid (ownerReferences), resourceVersion (Kopf's watches and
+   patches), creationTimestamp, generation (bumped on spec changes, never on /status patches: the
+   operator's revisions follow it). kmock fills none of them.
+3. A JSON patch whose ``test`` op fails (Kopf's finalizer patch, raced by our status write on every
+   new CR) answers HTTP 422 like the API server, not kmock's HTTP 500 (which Kopf backs off from).
+4. kmock records every request and matches each new one by scanning that record (quadratic:
    minutes for a few hundred resources); the harness keeps only the requests in flight.
-6. Listing namespaces answers HTTP 500 in kmock 0.8 (a path-parser bug), so Kopf must run
-   cluster-wide against it; `v1/namespaces` is still registered for Kopf's discovery.
+
+What it no longer emulates (the real control plane tests it): garbage collection (deleting a CR
+leaves its children here), namespaced Kopf runs (kmock 0.8 answers 500 on listing namespaces, so
+the operator runs cluster-wide against it; tests/cluster/test_namespaced_real.py covers ``-n``).
 
 Use: ``async with Emulator() as api: ... api.url ...``; ``write_kubeconfig(path, url)``.
 """
@@ -56,7 +62,8 @@ def register_resources(emulator: kmock.KubernetesEmulator) -> None:
 
 
 class ClusterEmulator(kmock.KubernetesEmulator):
-    """KubernetesEmulator + server-filled metadata + ownerReference garbage collection."""
+    """KubernetesEmulator + server-filled metadata + 422 on a failed patch test + a bounded request record,
+    recording each write (``writes``) and each created body (``creations``)."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -84,10 +91,6 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                                 request.namespace, name))
             if request.action == kmock.action.CREATE:
                 self.creations.append((request.resource.plural, request.namespace, copy.deepcopy(request.data)))
-        if request.resource is not None and request.action in (kmock.action.DELETE, kmock.action.UPDATE):
-            key = (request.resource, request.namespace, request.name)
-            if key in self.objects and self.objects[key].deleted:  # gone now (deleted, or finalizers released)
-                await self.collect_garbage()
         return response
 
     def _fill_metadata(self, request: kmock.Request) -> None:
@@ -116,23 +119,6 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if isinstance(exc, jsonpatch.JsonPatchTestFailed):
             exc = kmock.KubernetesError(status=422, reason="Invalid", message=f"the patch's test failed: {exc}")
         return await super()._render_error(exc)
-
-    async def collect_garbage(self) -> None:
-        """Delete (in cascade) every object whose owners are all gone."""
-        while True:
-            async with self._lock:
-                alive = {obj.raw.get("metadata", {}).get("uid") for obj in self.objects.values() if not obj.deleted}
-                orphans = [
-                    (key, obj) for key, obj in self.objects.items()
-                    if not obj.deleted and (owners := obj.raw.get("metadata", {}).get("ownerReferences"))
-                    and not any(o.get("uid") in alive for o in owners)
-                ]
-                for (resource, _, _), obj in orphans:
-                    raw = obj.raw
-                    obj.delete()
-                    await self._buses[resource].put({"type": "DELETED", "object": raw})
-            if not orphans:
-                return
 
     # Shortcuts for tests ------------------------------------------------------------------
 

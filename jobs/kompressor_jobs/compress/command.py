@@ -37,7 +37,19 @@ if TYPE_CHECKING:  # torch-heavy; imported when the command runs
     from kompressor_jobs.models import SourceModel
 
 from kompressor_jobs.compress.search import PROBES_FILE  # noqa: E402,F401  (evaluate reads it)
-PARITY_ROWS = 64
+PARITY_ROWS = 64  # the first rows of the validation split: the ONNX export's parity check (never eval)
+
+
+def parity_rows(validation: Dataset) -> tuple[dict[str, np.ndarray], dict]:
+    """The parity check's feed (the first PARITY_ROWS validation rows) and its manifest record: the role, the
+    rows and a sha256 of exactly the arrays checked (each input in the model's order, C-order bytes)."""
+    feed = validation.feed(0, PARITY_ROWS)
+    digest = hashlib.sha256()
+    for array in feed.values():
+        digest.update(np.ascontiguousarray(array).tobytes())
+    rows = len(next(iter(feed.values()))) if feed else 0
+    return feed, {"data": "validation", "rows": rows, "sha256": digest.hexdigest(),
+                  "digestOf": "sha256 of the rows' input arrays, in the model's input order, C-order bytes"}
 
 
 def load_resource(spec_path: str) -> CompressedModel:
@@ -99,9 +111,11 @@ def versions() -> dict:
 
 # --- baseline (revision 0) ---------------------------------------------------------------------
 
-def ensure_baseline(source: SourceModel, cache: Path, parity_batch: dict[str, np.ndarray]) -> tuple[Path, str]:
+def ensure_baseline(source: SourceModel, cache: Path, parity_batch: dict[str, np.ndarray],
+                    parity_record: dict | None = None) -> tuple[Path, str]:
     """The uncompressed model as ONNX, exported once per source-model digest (an ONNX source is copied as it
-    is). Returns (folder, sha256)."""
+    is); ``parity_batch``: validation rows to trace and check it with (``parity_record`` says which). Returns
+    (folder, sha256)."""
     from kompressor_jobs.runtime import io_signature
 
     # One baseline per source file and per way of reading it: a Hugging Face folder read as a classifier or as an
@@ -130,7 +144,8 @@ def ensure_baseline(source: SourceModel, cache: Path, parity_batch: dict[str, np
             parity = check_parity(source.module, tmp / MODEL_FILE, parity_batch)
         write_manifest(tmp, {
             "revision": 0, "role": "baseline", "createdAt": _now(), "model": model_record(source),
-            "parityMaxAbsDiff": parity, **io_signature(tmp / MODEL_FILE), "versions": versions(),
+            "parityMaxAbsDiff": parity, **({"parityRows": parity_record} if parity_record else {}),
+            **io_signature(tmp / MODEL_FILE), "versions": versions(),
         })
         try:
             os.rename(tmp, folder)
@@ -202,7 +217,8 @@ def _prune_and_export(ctx: Context, config: CompressionSpec, sparsity: float, fp
                                                         task=ctx.resource.spec.model.task)
     result = prune_model(module, p.method, sparsity, schedule=p.schedule, steps=p.steps, fine_tune=tuner,
                          example=example_inputs(ctx.train), importance=p.importance)
-    batch = ctx.eval.feed(0, PARITY_ROWS)
+    # Validation rows (never eval: eval is left to the gates alone); train only if a caller gave no validation.
+    batch, checked = parity_rows(ctx.validation if ctx.validation is not None else ctx.train)
     export_onnx(result.module, ctx.source.inputs, fp32, task=ctx.source.task, example=batch)
     parity = check_parity(result.module, fp32, batch)
     facts = {
@@ -211,7 +227,8 @@ def _prune_and_export(ctx: Context, config: CompressionSpec, sparsity: float, fp
         "weightSparsity": round(result.weight_sparsity, 6),
         "parametersBefore": result.params_before, "parametersAfter": result.params_after,
         "parityMaxAbsDiff": parity, "parityTolerance": {"atol": PARITY_ATOL, "rtol": PARITY_RTOL,
-                                                  "rows": min(PARITY_ROWS, len(ctx.eval))},
+                                                  "rows": checked["rows"]},
+        "parityRows": checked if ctx.validation is not None else {**checked, "data": "train"},
         "fineTuneSeconds": round(result.fine_tune_seconds, 3),
         # The fraction of parameters removed (structured pruning; 0 for methods that keep every tensor).
         "structuredSparsity": round(result.structured_sparsity, 6),
@@ -266,7 +283,8 @@ def main(args: argparse.Namespace) -> int:
         train_rows=len(train), validation_rows=len(validation), eval_rows=len(evaluation))
 
     baseline_cache = Path(args.baseline_cache) if args.baseline_cache else cache_root() / "baselines"
-    baseline_dir, baseline_sha = ensure_baseline(source, baseline_cache.absolute(), evaluation.feed(0, PARITY_ROWS))
+    # The export's parity check reads validation rows: prune reads eval only to record which data the gates use.
+    baseline_dir, baseline_sha = ensure_baseline(source, baseline_cache.absolute(), *parity_rows(validation))
     ctx = Context(resource, source, train, evaluation, device, baseline_dir, baseline_sha, validation,
                   validation_info)
 
@@ -308,7 +326,7 @@ def _write_candidate_manifest(folder: Path, args, ctx: Context, train_uri: str, 
                            "usedFor": "fine-tuning and INT8 calibration"},
                  "validation": ctx.validation_info,
                  "eval": {"uri": spec.data.eval, "sha256": ctx.eval.digest, "rows": len(ctx.eval),
-                          "usedFor": "the gates only (the evaluate Job)"},
+                          "usedFor": "the gates only (the evaluate Job); prune reads it only to record this digest"},
                  "retrain": bool(args.retrain)},
         "compression": to_wire(spec.compression),
         "achieved": candidate.facts,
@@ -351,7 +369,7 @@ def resolve_validation(data_spec, train: Dataset, load) -> tuple[Dataset, Datase
     from kompressor.api import defaults as d
     from kompressor_jobs.data import split_validation
 
-    used = "search probes, early stopping and the INT8 fidelity check"
+    used = "search probes, early stopping, the INT8 fidelity check and the ONNX parity check"
     if data_spec.validation:
         validation = load(data_spec.validation)
         if len(validation) == 0:

@@ -7,17 +7,17 @@
   input is fed in its own dtype (int64 token ids pass through untouched).
 - Fidelity: top-1 agreement (classification) or mean cosine similarity (regression, embedding) of the
   INT8 model with the float model on the whole validation split. Below ``min_agreement`` the node-wise
-  fallback runs, in the manner of NNCF's accuracy control: every quantized node is ranked by the error
-  against the float model when that node alone is quantized, then the most sensitive nodes are kept
-  in float (1, 2, 3, 4, 6, 9, ... nodes, then bisected down to the fewest
-  that pass), up to ``max_fallback_nodes``.
+  fallback runs (quantization_fallback.py), in the manner of NNCF's accuracy control: every quantized
+  node is ranked by the error against the float model when that node alone is quantized, measured from
+  one quantization by injecting each node's INT8 output into the float model; then 1, 2, 4, ... of the
+  most sensitive nodes are kept in float and bisected down to the fewest that pass, up to
+  ``max_fallback_fraction`` of the quantized nodes (and ``max_fallback_nodes``).
 
 No torch here: an ONNX source is quantized and checked without it.
 """
 
 from __future__ import annotations
 
-import math
 import platform
 import tempfile
 import time
@@ -27,14 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
-from kompressor.console import log, progress
+from kompressor.api import defaults as d
+from kompressor.console import log
 from kompressor.errors import UserError
+from kompressor_jobs.compress.quantization_fallback import fallback_limit, run_fallback
 
 CALIBRATION_ROWS = 256
 CALIBRATION_BATCH = 32
 EVAL_BATCH = 256
-RANKING_ROWS = 300  # NNCF's default ranking subset size
-MAX_RANKED_NODES = 256  # nodes ranked one by one at most (the most expensive part of the fallback)
 PERCENTILE = 99.999  # onnxruntime's default for percentile calibration
 # spec calibration -> (onnxruntime CalibrationMethod, create_calibrator options)
 CALIBRATORS = {
@@ -50,7 +50,7 @@ CLASSIFICATION = "classification"
 
 
 class QuantizationFidelityError(UserError):
-    """INT8 missed the fidelity floor even with ``max_fallback_nodes`` nodes kept in float."""
+    """INT8 missed the fidelity floor even with the most nodes the fallback may keep in float."""
 
 
 @dataclass
@@ -85,13 +85,15 @@ def quantize_with_spec(fp32_path: Path, out_path: Path, spec, calibration: Mappi
     """``quantize`` with the settings of a ``QuantizationSpec`` (spec.compression.quantization)."""
     return quantize(fp32_path, out_path, spec.mode, calibration, validation, task=task, kind=kind,
                     calibration_method=spec.calibration, per_channel=spec.per_channel,
-                    min_agreement=spec.min_agreement, max_fallback_nodes=spec.max_fallback_nodes, **kwargs)
+                    min_agreement=spec.min_agreement, max_fallback_nodes=spec.max_fallback_nodes,
+                    max_fallback_fraction=spec.max_fallback_fraction, **kwargs)
 
 
 def quantize(fp32_path: Path, out_path: Path, mode: str, calibration: Mapping[str, np.ndarray] | np.ndarray,
              validation: Mapping[str, np.ndarray] | np.ndarray, *, task: str = CLASSIFICATION,
              kind: str | None = None, calibration_method: str = "minmax", per_channel: bool = True,
-             min_agreement: float = 0.99, max_fallback_nodes: int = 64, optimize: bool | None = None,
+             min_agreement: float = d.QUANTIZATION_MIN_AGREEMENT, max_fallback_nodes: int | None = None,
+             max_fallback_fraction: float = d.QUANTIZATION_MAX_FALLBACK_FRACTION, optimize: bool | None = None,
              num_heads: int = 0, hidden_size: int = 0, reduce_range: bool | None = None,
              fallback: bool = True, raise_on_failure: bool = True) -> QuantizationResult:
     """Quantize ``fp32_path`` into ``out_path`` and check it against the float model.
@@ -100,8 +102,10 @@ def quantize(fp32_path: Path, out_path: Path, mode: str, calibration: Mapping[st
     single array stands for a single-input model). ``optimize`` None: fuse transformers automatically
     (``kind == "transformer"`` or the graph's op pattern); ``num_heads``/``hidden_size`` 0: read from
     the graph. ``reduce_range`` None: 7-bit weights on x86 CPUs without VNNI. ``min_agreement`` 0 opts
-    out of the fidelity floor (still measured and recorded). When even ``max_fallback_nodes`` float
-    nodes don't reach the floor, ``QuantizationFidelityError`` is raised and nothing is written
+    out of the fidelity floor (still measured and recorded). The fallback keeps at most
+    ``max_fallback_fraction`` of the quantized nodes in float (rounded up), and at most
+    ``max_fallback_nodes`` when set (0 turns the fallback off). When even that many float nodes don't
+    reach the floor, ``QuantizationFidelityError`` is raised and nothing is written
     (``raise_on_failure``), or the most faithful model tried is written with ``passed`` False."""
     import onnx
 
@@ -143,12 +147,13 @@ def quantize(fp32_path: Path, out_path: Path, mode: str, calibration: Mapping[st
         facts["quantizedNodes"] = len(quantized)
         best_path, best_value, kept = first, value, []
         enforced = min_agreement > 0
+        limit = fallback_limit(len(quantized), max_fallback_nodes, max_fallback_fraction) if fallback else 0
         log("int8 fidelity", metric=metric, value=round(value, 5), floor=min_agreement, rows=_rows(validation),
             quantized_nodes=len(quantized))
-        if enforced and value < min_agreement and fallback and max_fallback_nodes > 0 and quantized:
-            best_path, best_value, kept, facts["fallback"] = _fallback(
-                attempt, q, tmp, quantized, reference, validation, task, min_agreement, max_fallback_nodes,
-                best_path, best_value)
+        if enforced and value < min_agreement and limit > 0:
+            best_path, best_value, kept, facts["fallback"] = run_fallback(
+                attempt, prepared, first, tmp, quantized, validation, task, min_agreement, limit, best_path,
+                best_value, lambda: q.runs)
         passed = (not enforced) or best_value >= min_agreement
         facts["fidelity"] = {"metric": metric, "value": round(float(best_value), 6), "int8Only": round(float(value), 6),
                              "minAgreement": min_agreement, "enforced": enforced, "passed": passed,
@@ -160,12 +165,13 @@ def quantize(fp32_path: Path, out_path: Path, mode: str, calibration: Mapping[st
     result = QuantizationResult(out_path, passed, facts)
     if not passed:
         tried = max((t["nodesInFloat"] for t in facts.get("fallback", {}).get("tried", [])), default=0)
+        cap = "unset" if max_fallback_nodes is None else max_fallback_nodes
         message = (f"INT8 {metric} with the float model is at best {best_value:.4f} on {_rows(validation)} validation "
                    f"rows (with {len(kept)} node(s) kept in float), below minAgreement {min_agreement}; the fallback "
-                   f"tried up to {tried} of {len(quantized)} quantized nodes in float (maxFallbackNodes "
-                   f"{max_fallback_nodes}). Raise "
-                   f"spec.compression.quantization.maxFallbackNodes, lower minAgreement (0 opts out), try "
-                   f"another calibration method, or set mode: none.")
+                   f"tried up to {tried} of {len(quantized)} quantized nodes in float (maxFallbackFraction "
+                   f"{max_fallback_fraction}, maxFallbackNodes {cap}). Raise "
+                   f"spec.compression.quantization.maxFallbackFraction or maxFallbackNodes, lower minAgreement "
+                   f"(0 opts out), try another calibration method, or set mode: none.")
         facts["fidelity"]["reason"] = message
         log("int8 fidelity not reached", level="warning", reason=message)
         if raise_on_failure:
@@ -424,107 +430,6 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray, task: str = CLASSIFIC
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cos = np.where(den > 0, num / np.where(den > 0, den, 1.0), (np.abs(a - b).max(1) == 0).astype(np.float64))
     return float(cos.mean())
-
-
-def output_error(reference: np.ndarray, candidate: np.ndarray, task: str = CLASSIFICATION) -> float:
-    """A smooth error for ranking nodes: mean KL(float || int8) of the softmax (classification), the
-    relative squared error otherwise."""
-    a, b = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
-    if task == CLASSIFICATION:
-        la, lb = _log_softmax(a), _log_softmax(b)
-        return float((np.exp(la) * (la - lb)).sum(1).mean())
-    return float(((a - b) ** 2).sum() / max(float((a ** 2).sum()), 1e-12))
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(1, keepdims=True)
-    return x - np.log(np.exp(x).sum(1, keepdims=True))
-
-
-# --- the node-wise fallback -----------------------------------------------------------------------
-
-def fallback_counts(limit: int) -> list[int]:
-    """How many nodes to keep in float, in the order tried: one by one at first, then growing by
-    about half each step, ending at ``limit``."""
-    counts, c = [], 1
-    while c < limit:
-        counts.append(c)
-        c = c + 1 if c < 4 else int(math.ceil(c * 1.5))
-    counts.append(limit)
-    return counts
-
-
-def rank_nodes(q: _Quantizer, tmp: Path, candidates: list[str], reference: np.ndarray,
-               feeds: dict[str, np.ndarray], task: str) -> list[tuple[str, float]]:
-    """(node, error) for each candidate, most sensitive first: the error against the float model on the
-    ranking rows when that node alone is quantized. Measured alone, a sensitive node is not hidden by
-    another one that already ruins the output (as reverting one node at a time would be)."""
-    rows = min(RANKING_ROWS, _rows(feeds))
-    ref = reference[:rows]
-    path = tmp / "rank.onnx"
-    scores = []
-    ranked = candidates[:MAX_RANKED_NODES]
-    with progress("ranking nodes for the INT8 fallback", total=len(ranked)) as bar:
-        for name in ranked:
-            q.run(path, only=[name])
-            scores.append((name, output_error(ref, outputs(path, feeds, rows), task)))
-            bar.advance(node=name, error=float(f"{scores[-1][1]:.4g}"))
-    scores.sort(key=lambda s: -s[1])
-    return scores
-
-
-def _fallback(attempt, q: _Quantizer, tmp: Path, quantized: list[str], reference: np.ndarray,
-              validation: dict[str, np.ndarray], task: str, floor: float, max_nodes: int,
-              best_path: Path, best_value: float):
-    started = time.perf_counter()
-    ranking = rank_nodes(q, tmp, quantized, reference, validation, task)
-    order = [name for name, _ in ranking]
-    limit = min(max_nodes, len(order))
-    tried: dict[int, float] = {0: best_value}
-    passing: tuple[int, Path, float] | None = None
-    best_count = 0
-
-    def trial(count: int) -> float:
-        nonlocal best_path, best_value, best_count
-        path = tmp / f"int8-{count}.onnx"
-        value = attempt(order[:count], path)
-        tried[count] = value
-        log("int8 fallback step", nodes_in_float=count, value=round(value, 5), floor=floor)
-        if value > best_value:
-            best_path, best_value, best_count = path, value, count
-        return value
-
-    last_fail = 0
-    for count in fallback_counts(limit):
-        if trial(count) >= floor:
-            passing = (count, tmp / f"int8-{count}.onnx", tried[count])
-            break
-        last_fail = count
-    if passing is not None:
-        lo, hi = last_fail, passing[0]  # bisect down to the fewest float nodes that pass
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if trial(mid) >= floor:
-                hi, passing = mid, (mid, tmp / f"int8-{mid}.onnx", tried[mid])
-            else:
-                lo = mid
-        count, path, value = passing
-        kept = order[:count]
-    else:
-        count, path, value = best_count, best_path, best_value
-        kept = order[:count]
-    facts = {
-        "nodesInFloat": kept, "passed": passing is not None,
-        "ranking": {"rows": min(RANKING_ROWS, _rows(validation)),
-                    "metric": "meanKlDivergence" if task == CLASSIFICATION else "relativeSquaredError",
-                    "rankedNodes": len(ranking),
-                    "top": [{"node": n, "errorAloneQuantized": float(f"{s:.4g}")} for n, s in ranking[:10]]},
-        "tried": [{"nodesInFloat": c, "value": round(float(v), 6)} for c, v in sorted(tried.items())],
-        "quantizations": q.runs, "seconds": round(time.perf_counter() - started, 3),
-    }
-    log("int8 fallback", passed=passing is not None, nodes_in_float=len(kept), value=round(value, 5),
-        nodes=", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
-    return path, value, kept, facts
 
 
 # --- feeds ---------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@ of the range downwards and stops at the first sparsity that passes every gate on
 every sparser grid point was tried and failed. The remaining probes refine the one cell between
 that pass and the failed grid point above it. When nothing on the grid passes, the remaining
 probes fill the widest untried gaps. Every probe's result is kept (``probes.json``); the kept
-candidate is the sparsest probe that passed on validation, and the other passing probes are kept
-as alternates (sparsest first), each a complete artifact folder, so the evaluate Job can confirm
-the choice on eval and fall back to the next passing probe when eval disagrees.
+candidate is the sparsest probe that passed on validation, and the next ``maxAlternates`` passing
+probes are kept as alternates (sparsest first), each a complete artifact folder (a full copy of the
+model: the cap bounds the artifact's size), so the evaluate Job can confirm the choice on eval and
+fall back to the next kept passing probe when eval disagrees. Passing probes beyond the cap are
+listed in ``probes.json`` with no artifact.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ class SearchResult:
     chosen: Any  # the Candidate kept (the sparsest probe that passed on validation, else the least bad)
     runs: list[ProbeRun]
     summary: dict
-    alternates: list[ProbeRun] = field(default_factory=list)  # other passing probes, sparsest first
+    alternates: list[ProbeRun] = field(default_factory=list)  # passing probes kept as fallbacks, sparsest first
+    dropped: list[ProbeRun] = field(default_factory=list)  # passing probes beyond maxAlternates: not kept
 
     @property
     def probes(self) -> list[Probe]:
@@ -140,19 +143,23 @@ def search(ctx, config: CompressionSpec, gates: GatesSpec, work: Path,
     summary: dict[str, Any] = {
         "judgedOn": "validation", "range": [lo, hi], "maxProbes": s.max_probes, "probes": len(runs),
         "grid": plan_grid(lo, hi, s.max_probes), "passingSparsities": [r.sparsity for r in passing],
-        "monotone": _monotone(runs),
+        "monotone": _monotone(runs), "maxAlternates": s.max_alternates,
     }
     if passing:
-        chosen, alternates = passing[0], passing[1:]
-        summary.update(passed=True, chosenSparsity=chosen.sparsity)
+        chosen, others = passing[0], passing[1:]
+        alternates, dropped = others[:s.max_alternates], others[s.max_alternates:]
+        summary.update(passed=True, chosenSparsity=chosen.sparsity,
+                       alternateSparsities=[r.sparsity for r in alternates],
+                       notKeptSparsities=[r.sparsity for r in dropped])
         log("sparsity search chose a sparsity on validation", sparsity=chosen.sparsity,
-            alternates=[r.sparsity for r in alternates], probes=len(runs))
-        return SearchResult(chosen.candidate, runs, summary, alternates)
+            alternates=[r.sparsity for r in alternates], not_kept=[r.sparsity for r in dropped],
+            max_alternates=s.max_alternates, probes=len(runs))
+        return SearchResult(chosen.candidate, runs, summary, alternates, dropped)
     # Nothing passed: keep the probe that failed the fewest gates (then the most accurate), flagged.
     least_bad = max(runs, key=lambda r: (sum(g.outcome == "Successful" for g in r.gates.results),
                                      r.metrics.accuracy or 0.0, r.sparsity))
     failed = [f"{g.gate}: {g.message}" for g in least_bad.gates.results if g.outcome != "Successful"]
-    summary.update(passed=False, chosenSparsity=least_bad.sparsity,
+    summary.update(passed=False, chosenSparsity=least_bad.sparsity, alternateSparsities=[], notKeptSparsities=[],
                    reason=f"no probed sparsity in [{lo}, {hi}] passed every gate on validation; best candidate "
                           f"{least_bad.sparsity} fails " + "; ".join(failed))
     log("sparsity search found no passing candidate", level="warning", reason=summary["reason"])
@@ -173,8 +180,9 @@ def _monotone(runs: list[ProbeRun]) -> bool:
 
 def write_outputs(staging: Path, result: SearchResult, write_manifest: Callable[[Path, Any], None]) -> None:
     """Into the artifact being staged: ``probes.json`` (every probe, its validation metrics and verdict,
-    and where its artifact is kept) and ``alternates/probe-<i>/`` for the other passing probes, each a
-    complete artifact folder written by ``write_manifest(folder, candidate)``."""
+    and where its artifact is kept) and ``alternates/probe-<i>/`` for the kept alternates (at most
+    ``maxAlternates``), each a complete artifact folder written by ``write_manifest(folder, candidate)``.
+    A passing probe beyond the cap is listed with ``artifact: null`` and ``notKept`` saying why."""
     rows = []
     paths: dict[int, str] = {}
     for rank, run in enumerate(result.alternates, start=1):
@@ -184,14 +192,19 @@ def write_outputs(staging: Path, result: SearchResult, write_manifest: Callable[
         write_manifest(folder, run.candidate)
         paths[run.index] = f"{ALTERNATES_DIR}/probe-{run.index}"
     order = {run.index: rank for rank, run in enumerate(result.alternates, start=1)}
+    dropped = {run.index for run in result.dropped}
+    cap = result.summary.get("maxAlternates")
     for run in result.runs:
         chosen = run.candidate is result.chosen
-        rows.append({
+        row = {
             "index": run.index, "sparsity": run.sparsity, "judgedOn": "validation",
             "metrics": to_wire(run.metrics), "gates": to_wire(run.gates),
             "chosen": chosen, "fallbackRank": 0 if chosen and run.passed else order.get(run.index),
             "artifact": "." if chosen else paths.get(run.index),
-        })
+        }
+        if run.index in dropped:
+            row["notKept"] = f"passed on validation, beyond compression.search.maxAlternates ({cap})"
+        rows.append(row)
     (staging / PROBES_FILE).write_text(json.dumps(rows, indent=2))
 
 
@@ -230,6 +243,7 @@ def confirm_on_eval(candidate_dir: Path, manifest: dict, metrics: Metrics, gates
     report: dict[str, Any] = {"validationChoice": chosen, "passedOnValidation": bool(searched.get("passed")),
                               "probesOnEval": 1, "evalDisagreed": [], "chosenSparsity": chosen,
                               "fellBack": False}
+    not_kept = list(searched.get("notKeptSparsities") or [])
     if gates.passed or not searched.get("passed"):
         return metrics, gates, artifact, manifest, report
     report["evalDisagreed"].append(chosen)
@@ -247,6 +261,14 @@ def confirm_on_eval(candidate_dir: Path, manifest: dict, metrics: Metrics, gates
                     alt_manifest, report)
         report["evalDisagreed"].append(sparsity)
         log("eval disagrees with validation on a fallback probe too", level="warning", sparsity=sparsity)
-    report["message"] = (f"every probe that passed on validation ({', '.join(map(str, report['evalDisagreed']))}) "
-                         "failed on eval")
+    tried = ", ".join(map(str, report["evalDisagreed"]))
+    if not_kept:
+        cap = searched.get("maxAlternates")
+        report["notKept"] = not_kept
+        report["message"] = (f"every kept probe that passed on validation ({tried}) failed on eval; "
+                             f"{len(not_kept)} more passed on validation ({', '.join(map(str, not_kept))}) but "
+                             f"{'was' if len(not_kept) == 1 else 'were'} not kept (compression.search.maxAlternates: {cap}), so none is left to try")
+    else:
+        report["message"] = f"every probe that passed on validation ({tried}) failed on eval; none is left to try"
+    log("no kept probe passes on eval", level="warning", message=report["message"])
     return metrics, gates, artifact, manifest, report

@@ -174,14 +174,30 @@ class OnlineDetector(Detector):
         return True
 
 
-def _vectorised_ks():
-    """Alibi's KSDrift (thresholds, corrections, output) with a faster ``feature_score``: scipy's
-    two-sided asymptotic ``ks_2samp`` computed for all features at once -- the same statistic (empirical
-    CDFs via searchsorted) and the same p-value (``kstwo.sf(d, round(n1 n2 / (n1 + n2)))``), with the
-    reference sorted once instead of per call. scipy's per-call overhead made the plain loop miss the
-    throughput target; tests/drift checks the numbers equal alibi's KSDrift's."""
-    from alibi_detect.cd import KSDrift
+def _ks_two_sided(sorted_ref: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """scipy's two-sided asymptotic ``ks_2samp`` for every column at once: the same statistic (empirical CDFs
+    via searchsorted) and the same p-value (``kstwo.sf(d, round(n1 n2 / (n1 + n2)))``), given the reference
+    columns sorted once. Returns (p-values, statistics) as float32, like Alibi's ``feature_score``."""
     from scipy.stats import kstwo
+
+    xs = np.sort(x, axis=0)
+    n1, n2 = len(sorted_ref), len(xs)
+    dist = np.empty(sorted_ref.shape[1])
+    for f in range(sorted_ref.shape[1]):
+        pooled = np.concatenate([sorted_ref[:, f], xs[:, f]])
+        diff = (np.searchsorted(sorted_ref[:, f], pooled, side="right") / n1
+                - np.searchsorted(xs[:, f], pooled, side="right") / n2)
+        dist[f] = max(diff.max(), min(max(-diff.min(), 0.0), 1.0))
+    m, n = sorted([float(n1), float(n2)], reverse=True)
+    p_val = np.clip(kstwo.sf(dist, np.round(m * n / (m + n))), 0, 1)
+    return p_val.astype(np.float32), dist.astype(np.float32)
+
+
+def _vectorised_ks():
+    """Alibi's KSDrift (thresholds, corrections, output) with a faster ``feature_score``: ``_ks_two_sided``,
+    with the reference sorted once instead of per call. scipy's per-call overhead made the plain loop miss
+    the throughput target; tests/drift checks the numbers equal alibi's KSDrift's."""
+    from alibi_detect.cd import KSDrift
 
     class VectorisedKSDrift(KSDrift):
         _sorted_ref: tuple | None = None
@@ -191,20 +207,168 @@ def _vectorised_ks():
                 return super().feature_score(x_ref, x)
             if self._sorted_ref is None or self._sorted_ref[0] is not x_ref:
                 self._sorted_ref = (x_ref, np.sort(x_ref.reshape(x_ref.shape[0], -1), axis=0))
-            ref = self._sorted_ref[1]
-            xs = np.sort(x.reshape(x.shape[0], -1), axis=0)
-            n1, n2 = len(ref), len(xs)
-            dist = np.empty(ref.shape[1])
-            for f in range(ref.shape[1]):
-                pooled = np.concatenate([ref[:, f], xs[:, f]])
-                diff = (np.searchsorted(ref[:, f], pooled, side="right") / n1
-                        - np.searchsorted(xs[:, f], pooled, side="right") / n2)
-                dist[f] = max(diff.max(), min(max(-diff.min(), 0.0), 1.0))
-            m, n = sorted([float(n1), float(n2)], reverse=True)
-            p_val = np.clip(kstwo.sf(dist, np.round(m * n / (m + n))), 0, 1)
-            return p_val.astype(np.float32), dist.astype(np.float32)
+            return _ks_two_sided(self._sorted_ref[1], x.reshape(x.shape[0], -1))
 
     return VectorisedKSDrift
+
+
+# Cochran's rule for the chi-square test: expected counts below 5 make its asymptotic p-values liberal.
+MIN_EXPECTED_COUNT = 5.0
+
+
+def pooled_chi_square(ref_counts: np.ndarray, counts: np.ndarray,
+                      min_expected: float = MIN_EXPECTED_COUNT) -> tuple[float, float]:
+    """(statistic, p-value) of the chi-square test of homogeneity of two samples' category counts, with
+    the cells whose expected count (in the smaller sample, from the pooled counts) is below ``min_expected``
+    pooled into one cell, and that cell, if it is itself still below ``min_expected``, added to the smallest
+    other cell (Cochran's rule). Cells empty in both samples are dropped. Where nothing is pooled,
+    this is scipy's ``chi2_contingency`` (Yates' correction at one degree of freedom), as Alibi Detect runs
+    it. Fewer than two cells left: nothing to test (0, 1). The pooling looks only at the pooled counts,
+    so a rare category that surges in the window is no longer small and keeps its own cell."""
+    from scipy.stats import chi2
+
+    ref_counts, counts = np.asarray(ref_counts, np.float64), np.asarray(counts, np.float64)
+    total = ref_counts + counts
+    n_ref, n = ref_counts.sum(), counts.sum()
+    if n_ref == 0 or n == 0:
+        return 0.0, 1.0
+    share = min(n_ref, n) / (n_ref + n)
+    small = total * share < min_expected
+    if small.any():
+        keep = ~small
+        rare_ref, rare = ref_counts[small].sum(), counts[small].sum()
+        ref_counts, counts, total = ref_counts[keep], counts[keep], total[keep]
+        if (rare_ref + rare) * share < min_expected and len(total):
+            smallest = int(np.argmin(total))
+            ref_counts[smallest] += rare_ref
+            counts[smallest] += rare
+        else:
+            ref_counts, counts = np.append(ref_counts, rare_ref), np.append(counts, rare)
+        total = ref_counts + counts
+    present = total > 0
+    ref_counts, counts, total = ref_counts[present], counts[present], total[present]
+    if len(total) < 2:
+        return 0.0, 1.0
+    observed = np.stack([ref_counts, counts])
+    expected = np.stack([total * n_ref, total * n]) / (n_ref + n)
+    dof = len(total) - 1
+    if dof == 1:  # Yates' continuity correction, as scipy's chi2_contingency applies it
+        diff = expected - observed
+        observed = observed + np.minimum(0.5, np.abs(diff)) * np.sign(diff)
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    return stat, float(chi2.sf(stat, dof))
+
+
+class _CategoryCounts:
+    """Per-feature category counts of the reference (counted once) and of a window, over the union of the
+    reference's categories and the window's values, as Alibi Detect's chi-square tests count them."""
+
+    def __init__(self, x_ref: np.ndarray, categories: dict[int, list]):
+        self.categories = {f: np.asarray(sorted(v), dtype=np.float64) for f, v in categories.items()}
+        self.ref_counts = {f: self._count(x_ref[:, f], cats) for f, cats in self.categories.items()}
+
+    @staticmethod
+    def _count(column: np.ndarray, cats: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(cats, column)
+        hit = (at < len(cats)) & (cats[np.minimum(at, len(cats) - 1)] == column)
+        return np.bincount(at[hit], minlength=len(cats)).astype(np.float64)
+
+    def test(self, f: int, column: np.ndarray) -> tuple[float, float]:
+        cats, ref = self.categories[f], self.ref_counts[f]
+        column = np.asarray(column, dtype=np.float64)
+        new = np.setdiff1d(column, cats)  # values the reference never had: cells of their own
+        counts = self._count(column, cats)
+        if len(new):
+            ref = np.append(ref, np.zeros(len(new)))
+            counts = np.append(counts, [np.sum(column == v) for v in new])
+        return pooled_chi_square(ref, counts)
+
+
+def _pooled_chisquare_drift():
+    """Alibi's ChiSquareDrift (categories, thresholds, corrections, output) whose per-feature test is
+    ``pooled_chi_square``: Cochran's rule applied, the reference counted once."""
+    from alibi_detect.cd import ChiSquareDrift
+
+    class PooledChiSquareDrift(ChiSquareDrift):
+        _counts: tuple | None = None
+
+        def feature_score(self, x_ref: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            x_ref, x = x_ref.reshape(x_ref.shape[0], -1), x.reshape(x.shape[0], -1)
+            if self._counts is None or self._counts[0] is not x_ref:
+                self._counts = (x_ref, _CategoryCounts(x_ref, self.x_ref_categories))
+            counts = self._counts[1]
+            scores = [counts.test(f, x[:, f]) for f in range(self.n_features)]
+            return (np.array([p for _, p in scores], dtype=np.float32),
+                    np.array([d for d, _ in scores], dtype=np.float32))
+
+    return PooledChiSquareDrift
+
+
+def _pooled_tabular_drift():
+    """Alibi's TabularDrift whose categorical features get ``pooled_chi_square`` (Cochran's rule) and whose
+    continuous features get ``_ks_two_sided`` (the two-sided asymptotic ``ks_2samp`` Alibi runs)."""
+    from alibi_detect.cd import TabularDrift
+
+    class PooledTabularDrift(TabularDrift):
+        _cached: tuple | None = None
+
+        def feature_score(self, x_ref: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            if self.alternative != "two-sided":
+                return super().feature_score(x_ref, x)
+            x_ref, x = x_ref.reshape(x_ref.shape[0], -1), x.reshape(x.shape[0], -1)
+            continuous = [f for f in range(self.n_features) if f not in self.cat_vars]
+            if self._cached is None or self._cached[0] is not x_ref:
+                self._cached = (x_ref, _CategoryCounts(x_ref, {f: self.x_ref_categories[f] for f in self.cat_vars}),
+                                np.sort(x_ref[:, continuous], axis=0))
+            _, counts, sorted_ref = self._cached
+            p_val = np.zeros(self.n_features, dtype=np.float32)
+            dist = np.zeros_like(p_val)
+            for f in self.cat_vars:
+                dist[f], p_val[f] = counts.test(f, x[:, f])
+            if continuous:
+                p_val[continuous], dist[continuous] = _ks_two_sided(sorted_ref, x[:, continuous])
+            return p_val, dist
+
+    return PooledTabularDrift
+
+
+def _batched_permutation_mmd():
+    """Alibi's PyTorch MMDDrift with its permutation test batched. A permutation's MMD² needs the sums of
+    the kernel matrix K over its x-block, y-block and xy-block; with s the 0/1 indicator of the rows a
+    permutation puts in the test block, those are s'Ks, s'K1 - s'Ks and 1'K1 - 2 s'K1 + s'Ks. One matrix
+    product K S' gives them for every permutation, instead of Alibi's re-indexing of the whole matrix per
+    permutation. Same kernel, same permutations (``torch.randperm`` drawn in the same order, its last n
+    indices the test block, as Alibi's ``K[idx][:, idx]`` has it), same p-value and threshold;
+    tests/drift checks them against Alibi's ``MMDDrift``."""
+    from alibi_detect.cd.pytorch.mmd import MMDDriftTorch
+    from alibi_detect.utils.pytorch.distance import mmd2_from_kernel_matrix
+
+    class BatchedMMDDrift(MMDDriftTorch):
+        def score(self, x):
+            import torch
+
+            x_ref, x = self.preprocess(x)
+            x_ref = torch.from_numpy(x_ref).to(self.device)
+            x = torch.from_numpy(x).to(self.device)
+            n = x.shape[0]
+            kernel_mat = self.kernel_matrix(x_ref, x)
+            kernel_mat.fill_diagonal_(0)  # a fresh matrix (torch.cat): Alibi's K - diag(K)
+            mmd2 = mmd2_from_kernel_matrix(kernel_mat, n, permute=False, zero_diag=False)
+            size = kernel_mat.shape[0]
+            tests = torch.stack([torch.randperm(size)[-n:] for _ in range(self.n_permutations)])
+            indicator = torch.zeros(self.n_permutations, size, dtype=kernel_mat.dtype).scatter_(1, tests, 1.0)
+            ks = indicator @ kernel_mat  # [permutations, rows]: s'K
+            yy = (ks * indicator).sum(1).double()
+            row = ks.sum(1).double()
+            xy, xx = row - yy, kernel_mat.sum(dtype=torch.float64) - 2 * row + yy
+            m = size - n
+            mmd2_permuted = (xx / (m * (m - 1)) + yy / (n * (n - 1)) - 2 * xy / (m * n)).float()
+            p_val = (mmd2 <= mmd2_permuted).float().mean()
+            idx_threshold = int(self.p_val * len(mmd2_permuted))
+            distance_threshold = torch.sort(mmd2_permuted, descending=True).values[idx_threshold]
+            return p_val.numpy().item(), mmd2.numpy().item(), distance_threshold.numpy().item()
+
+    return BatchedMMDDrift
 
 
 def build_detector(spec: DriftSpec, x_ref: np.ndarray) -> Detector:
@@ -248,18 +412,25 @@ def build_detector(spec: DriftSpec, x_ref: np.ndarray) -> Detector:
     elif name == "cvm":
         alibi = cd.CVMDrift(x_ref, p_val=p_val, correction=correction, preprocess_fn=continuous)
     elif name == "chisquare":
+        chisquare = _pooled_chisquare_drift()
         if categorical:
             columns = sorted(categorical)
-            alibi = cd.ChiSquareDrift(x_ref, p_val=p_val, correction=correction, preprocess_fn=ColumnSelect(columns),
-                                      categories_per_feature={i: categorical[f] for i, f in enumerate(columns)})
+            alibi = chisquare(x_ref, p_val=p_val, correction=correction, preprocess_fn=ColumnSelect(columns),
+                              categories_per_feature={i: categorical[f] for i, f in enumerate(columns)})
         else:  # every feature categorical; categories taken from the reference data
-            alibi = cd.ChiSquareDrift(x_ref, p_val=p_val, correction=correction)
+            alibi = chisquare(x_ref, p_val=p_val, correction=correction)
     elif name == "tabular":
-        alibi = cd.TabularDrift(x_ref, p_val=p_val, correction=correction, categories_per_feature=categorical or None)
-    elif name in ("mmd", "lsdd"):
-        cls = cd.MMDDrift if name == "mmd" else cd.LSDDDrift
-        alibi = cls(x_ref, backend="pytorch", p_val=p_val, preprocess_fn=projection, n_permutations=PERMUTATIONS,
-                    device="cpu")
+        alibi = _pooled_tabular_drift()(x_ref, p_val=p_val, correction=correction,
+                                        categories_per_feature=categorical or None)
+    elif name == "mmd":
+        from alibi_detect.utils.pytorch.kernels import GaussianRBF
+
+        alibi = _batched_permutation_mmd()(x_ref, p_val=p_val, preprocess_fn=projection, kernel=GaussianRBF,
+                                           n_permutations=PERMUTATIONS, device="cpu")
+        return WindowDetector(name, alibi, window, p_val, correction, univariate=False)
+    elif name == "lsdd":
+        alibi = cd.LSDDDrift(x_ref, backend="pytorch", p_val=p_val, preprocess_fn=projection,
+                             n_permutations=PERMUTATIONS, device="cpu")
         return WindowDetector(name, alibi, window, p_val, correction, univariate=False)
     else:
         raise UserError(f"spec.drift.detector: unknown detector {name!r}")

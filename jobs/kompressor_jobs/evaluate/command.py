@@ -174,6 +174,8 @@ def model_card(resource, manifest: dict, report: EvalReport, data) -> dict:
         limitations.append(f"Slices with too few eval rows to judge: {', '.join(small)}.")
     if not report.gates.passed:
         limitations.append("This revision did NOT pass its gates; it is not promoted.")
+        if (report.search or {}).get("message"):
+            limitations.append(f"Sparsity search: {report.search['message']}.")
     return {
         "model": {"resource": resource.key, "revision": manifest.get("revision"), "source": model,
                   "artifact": to_wire(report.artifact)},
@@ -222,6 +224,12 @@ def gains(report: EvalReport) -> list[dict]:
     return rows
 
 
+def _parity_rows(achieved: dict) -> str:
+    """`` on 64 validation rows``: which rows the export's parity check read (never eval)."""
+    rows = achieved.get("parityRows") or {}
+    return f" on {rows.get('rows')} {rows.get('data')} rows" if rows else ""
+
+
 def model_card_markdown(card: dict) -> str:
     m, b = card["metrics"], (card["baseline"]["metrics"] or {})
     lines = [
@@ -254,7 +262,7 @@ def model_card_markdown(card: dict) -> str:
         f"- Achieved: sparsity {m.get('sparsity')} of the baseline's weights removed or zero (structured: "
         f"{ach.get('structuredSparsity')} of the parameters removed; zeros in the float graph "
         f"{ach.get('graphSparsity')}), parameters {ach.get('parametersBefore')} -> "
-        f"{ach.get('parametersAfter')}, ONNX parity max |diff| {ach.get('parityMaxAbsDiff')}",
+        f"{ach.get('parametersAfter')}, ONNX parity max |diff| {ach.get('parityMaxAbsDiff')}" + _parity_rows(ach),
     ]
     if card["compression"].get("search"):
         lines.append(f"- Sparsity search: {json.dumps(card['compression']['search'])}")
@@ -262,6 +270,8 @@ def model_card_markdown(card: dict) -> str:
                      f"{card['probesOnEval']}" + (f" (eval disagreed with validation on sparsity "
                                                   f"{', '.join(map(str, card['search']['evalDisagreed']))})"
                                                   if (card.get("search") or {}).get("evalDisagreed") else ""))
+        if (card.get("search") or {}).get("message"):
+            lines.append(f"- {card['search']['message']}")
     lines += ["", "## Gains vs the uncompressed baseline (measured in this evaluation)", "",
               "| | candidate | baseline | candidate / baseline |", "| --- | --- | --- | --- |"]
     for row in card.get("gains") or []:

@@ -122,21 +122,49 @@ def _local_path(uri: str) -> Path:
 
 
 def _fetch_s3(uri: str) -> Path:
-    """An s3:// file or folder, copied once into the cache (keyed by URI) through the artifact store's fsspec."""
+    """An s3:// file or folder (a prefix), copied into the cache through the artifact store's fsspec. The copy is
+    keyed by the URI and by each object's key, ETag and size, so a model uploaded again under the same URI is
+    fetched again. A missing object or an S3 error (credentials, permissions) is a UserError naming the URI."""
     from kompressor.store.stores import S3Store
 
     parent, _, name = uri.rstrip("/").rpartition("/")
+    if not name or parent.rstrip("/") == "s3:":
+        raise UserError(f"{uri}: an s3:// model URI names an object or a folder inside a bucket "
+                        "(s3://bucket/path/model.onnx or s3://bucket/path/folder)")
     store = S3Store(parent)
-    target = cache_dir() / "sources" / hashlib.sha256(uri.encode()).hexdigest()[:16] / name
+    remote = store.uri(name)
+    try:
+        listing = store.fs.find(remote, detail=True)  # a file: itself; a folder: every object under it
+    except Exception as err:  # noqa: BLE001 - botocore and s3fs raise many kinds (credentials, access, endpoint)
+        raise UserError(f"{uri}: cannot list the model on S3: {_first_line(err)}") from None
+    if not listing:
+        raise UserError(f"{uri}: model not found on S3 (no object and no folder under this key)")
+    h = hashlib.sha256(uri.encode())
+    for key in sorted(listing):
+        info = listing[key]
+        h.update(f"\n{key}\0{info.get('ETag') or info.get('etag')}\0{info.get('size')}".encode())
+    target = cache_dir() / "sources" / h.hexdigest()[:16] / name
     if not target.exists():
         tmp = Path(tempfile.mkdtemp(dir=_mkdir(target.parent.parent), prefix=".fetch-"))
         try:
-            store.fs.get(store.uri(name), str(tmp / name), recursive=True)
+            try:
+                store.fs.get(remote, str(tmp / name), recursive=True)
+            except Exception as err:  # noqa: BLE001 - as above
+                raise UserError(f"{uri}: cannot fetch the model from S3: {_first_line(err)}") from None
             target.parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).rename(target)
+            try:
+                (tmp / name).rename(target)
+            except OSError:
+                if not target.exists():  # not another process's copy of the same objects
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
 
 def _mkdir(path: Path) -> Path:

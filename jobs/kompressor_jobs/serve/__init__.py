@@ -1,4 +1,5 @@
-"""`kompressor serve`: one artifact served with ONNX Runtime over the Open Inference Protocol v2 (REST).
+"""`kompressor serve`: one artifact served with ONNX Runtime over the Open Inference Protocol v2, REST and
+(with ``--grpc-port``) gRPC.
 
 The artifact's sha256 digests are verified before anything is served. The model version in
 the URLs is the artifact's revision (``manifest.json`` ``revision``).
@@ -12,6 +13,11 @@ Endpoints (JSON; every error is ``{"error": "..."}`` with HTTP 400, 404 or 413):
   against ``shape``; ``id`` echoed; optional ``outputs`` selects outputs. Every numeric OIP datatype is
   accepted and converted to the model's input type when no value changes (integers to floats while exact,
   FP64 to FP32 while finite); BYTES, NaN/inf, wrong shapes and unknown inputs are refused with 400.
+  The binary tensor extension (Triton's): with an ``Inference-Header-Content-Length: N`` header, the first
+  N bytes of the body are the JSON and the rest the raw tensors of the inputs whose ``parameters`` give a
+  ``binary_data_size`` (little-endian, row-major, in input order); outputs come back binary where the
+  output's ``parameters.binary_data`` (default: the request's ``parameters.binary_data_output``) is true,
+  the answer then being the JSON, its length in ``Inference-Header-Content-Length``, and the bytes.
 - ``POST /v2/repository/index``: the served model and its version.
 - ``POST /v2/repository/models/{name}/load`` with
   ``{"parameters": {"artifact": "/abs/artifact/dir" | "file:///...", "sha256": "<expected model.onnx digest>"}}``:
@@ -22,6 +28,14 @@ Endpoints (JSON; every error is ``{"error": "..."}`` with HTTP 400, 404 or 413):
 - ``GET /metrics``: Prometheus (requests, errors, latency and batch-size histograms, labelled by model
   and revision; serving revision; swaps; captured and dropped capture rows).
 
+With ``--grpc-port PORT`` the same model is served over gRPC too (``inference.GRPCInferenceService``, see
+``kompressor_jobs.serve.grpc_server``): one process, one event loop, one model, one capture, one set of
+metrics (``protocol`` label ``rest`` or ``grpc``).
+
+With ``--workers N`` (0: one per CPU of the container's limit) N server processes share the ports
+(SO_REUSEPORT) under a supervisor that owns the capture; a hot swap reaches every worker or none, and
+/metrics sums them all (see ``kompressor_jobs.serve.workers``).
+
 With ``--capture DIR`` the inputs of every successful request are appended to rolling files there (see
 ``kompressor_jobs.capture``) for ``kompressor watch-drift``; capture never blocks a request.
 """
@@ -29,18 +43,41 @@ With ``--capture DIR`` the inputs of every successful request are appended to ro
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import signal
 
 
 def main(args: argparse.Namespace) -> int:
-    from aiohttp import web
+    from kompressor.errors import UserError
 
+    grpc_port = getattr(args, "grpc_port", None) or 0
+    workers = getattr(args, "workers", 1)
+    if args.max_body_bytes < 1 or args.capture_max_bytes < 1:
+        raise UserError("--max-body-bytes and --capture-max-bytes must be positive")
+    if not 0 <= grpc_port <= 65535 or (grpc_port and grpc_port == args.port):
+        raise UserError(f"--grpc-port must be a port other than --port ({args.port}), got {grpc_port}")
+    if workers < 0:
+        raise UserError(f"--workers must be 0 (one per CPU of the limit) or more, got {workers}")
+    if workers == 0:
+        from kompressor_jobs.serve.workers import auto_workers
+
+        args.workers = workers = auto_workers()
+    if getattr(args, "worker_control", None):
+        return _worker(args, grpc_port)
+    if workers > 1:
+        from kompressor_jobs.serve.workers import supervise
+
+        return supervise(args)
+    return _single(args, grpc_port)
+
+
+def _single(args: argparse.Namespace, grpc_port: int) -> int:
     from kompressor.console import log
     from kompressor.errors import UserError
     from kompressor_jobs.serve.app import InferenceServer
     from kompressor_jobs.serve.model import LoadedModel
 
-    if args.max_body_bytes < 1 or args.capture_max_bytes < 1:
-        raise UserError("--max-body-bytes and --capture-max-bytes must be positive")
     model = LoadedModel(args.artifact)
     model.warm_up()
     try:
@@ -49,9 +86,83 @@ def main(args: argparse.Namespace) -> int:
     except OSError as err:
         raise UserError(f"--capture {args.capture}: cannot write there: {err}") from None
     log("serving", model=args.name, revision=model.revision, sha256=model.sha256, host=args.host, port=args.port,
-        capture=args.capture)
-    try:
-        web.run_app(server.app(), host=args.host, port=args.port, print=None, access_log=None)
-    except OSError as err:
-        raise UserError(f"cannot listen on {args.host}:{args.port}: {err}") from None
+        grpc_port=grpc_port or None, capture=args.capture)
+    asyncio.run(_serve(server, args.host, args.port, grpc_port))
     return 0
+
+
+def _worker(args: argparse.Namespace, grpc_port: int) -> int:
+    """One of --workers N processes (started by the supervisor, kompressor_jobs.serve.workers)."""
+    from pathlib import Path
+
+    from kompressor.console import log
+    from kompressor_jobs.serve import workers as w
+    from kompressor_jobs.serve.app import InferenceServer
+    from kompressor_jobs.serve.model import LoadedModel
+
+    control = Path(args.worker_control)
+    artifact, sha256 = w.current_artifact(control, args.artifact)
+    model = LoadedModel(artifact, sha256)
+    model.warm_up()
+    sink = w.CaptureForwarder(control / w.CAPTURE_SOCKET) if args.capture else None
+    peers = w.Peers(control, args.workers, args.worker_index)
+    server = InferenceServer(args.name, model, capture_sink=sink, peers=peers, max_body_bytes=args.max_body_bytes)
+    if sink is not None:
+        sink.on_drop = lambda rows, reason: server.metrics.capture_dropped.labels(args.name, reason).inc(rows)
+    log("serving worker", model=args.name, worker=args.worker_index, revision=model.revision, pid=os.getpid(),
+        ort_threads=model.threads)
+    asyncio.run(_serve(server, args.host, args.port, grpc_port, worker=(peers, w.worker_socket(control,
+                                                                                             args.worker_index))))
+    return 0
+
+
+async def _serve(server, host: str, port: int, grpc_port: int, worker=None) -> None:
+    """REST (aiohttp) and, when asked, gRPC (grpc.aio) on one event loop, until SIGTERM or SIGINT. ``worker``:
+    (peers, control socket) of one of several workers: the ports are shared (SO_REUSEPORT), the control endpoints
+    listen on the socket, and the worker stops with its supervisor."""
+    from aiohttp import web
+
+    from kompressor.errors import UserError
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    app = server.app()
+    if worker is not None:
+        from kompressor_jobs.serve.workers import WORKER_HEADER, watch_parent
+
+        index = str(worker[1].stem.rpartition("-")[2])
+
+        async def name_the_worker(request, response):
+            response.headers[WORKER_HEADER] = index
+
+        app.on_response_prepare.append(name_the_worker)
+        watch_parent(stop)
+    runners = [web.AppRunner(app, access_log=None, handle_signals=False)]
+    rpc = None
+    try:
+        await runners[0].setup()
+        if grpc_port:  # gRPC first: once REST answers ready, both do
+            from kompressor_jobs.serve.grpc_server import grpc_server
+
+            try:
+                rpc = grpc_server(server, host, grpc_port, server.max_body_bytes, reuse_port=worker is not None)
+            except OSError as err:
+                raise UserError(f"--grpc-port: {err}") from None
+            await rpc.start()
+        try:
+            await web.TCPSite(runners[0], host, port, reuse_port=worker is not None).start()
+        except OSError as err:
+            raise UserError(f"cannot listen on {host}:{port}: {err}") from None
+        if worker is not None:  # the control socket last: the supervisor counts a worker started once it exists
+            peers, path = worker
+            runners.append(web.AppRunner(peers.control_app(server), access_log=None, handle_signals=False))
+            await runners[1].setup()
+            await web.UnixSite(runners[1], str(path)).start()
+        await stop.wait()
+    finally:
+        if rpc is not None:
+            await rpc.stop(grace=5)
+        for runner in reversed(runners):
+            await runner.cleanup()  # the main app's cleanup closes the capture after the last request

@@ -16,12 +16,22 @@ from kompressor.errors import UserError
 from kompressor_jobs.capture import CaptureWriter
 from kompressor_jobs.serve.metrics import ServerMetrics
 from kompressor_jobs.serve.model import LoadedModel
-from kompressor_jobs.serve.oip import BadRequest, decode_request, encode_response
+from kompressor_jobs.serve.oip import HEADER_LENGTH, BadRequest, InferRequest, decode_request, encode_response
 
 # Requests up to this many input values run ORT on the event loop (a thread hop costs more than the
 # run itself on small models); bigger ones run in the default executor so the loop keeps answering.
 INLINE_ELEMENTS = 8192
-EXTENSIONS = ["model_repository"]
+# OIP v2 / Triton extension names: the repository API (load = hot swap) and binary tensors on REST
+EXTENSIONS = ["model_repository", "binary_tensor_data"]
+REST, GRPC = "rest", "grpc"
+
+
+class NotFound(LookupError):
+    """The request names a model or version this server does not serve."""
+
+
+class InferenceFailed(RuntimeError):
+    """ONNX Runtime failed on a valid request (HTTP 500, gRPC INTERNAL)."""
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -32,15 +42,17 @@ class InferenceServer:
     """Serves one model name; the model behind it can be swapped while requests are in flight."""
 
     def __init__(self, name: str, model: LoadedModel, capture: str | Path | None = None,
-                 capture_max_bytes: int = 64 << 20, max_body_bytes: int = 8 << 20):
+                 capture_max_bytes: int = 64 << 20, max_body_bytes: int = 8 << 20, capture_sink=None, peers=None):
         self.name = name
         self.model = model
         self.max_body_bytes = max_body_bytes
         self.metrics = ServerMetrics()
         self.metrics.revision.labels(name).set(model.revision)
         self._swap_lock = asyncio.Lock()
-        self.capture = None
-        if capture:
+        self.in_flight = self.metrics.in_flight.labels(name)
+        self.peers = peers  # with --workers: the swap coordinator (kompressor_jobs.serve.workers.Peers)
+        self.capture = capture_sink  # with --workers: rows go to the supervisor, which writes them
+        if capture and capture_sink is None:
             self.capture = CaptureWriter(
                 capture, capture_max_bytes,
                 on_drop=lambda rows, reason: self.metrics.capture_dropped.labels(name, reason).inc(rows),
@@ -76,16 +88,54 @@ class InferenceServer:
         if self.capture:
             await asyncio.get_running_loop().run_in_executor(None, self.capture.close)
 
-    def _find(self, request: web.Request) -> LoadedModel:
-        """The model a URL names, or an HTTP 404."""
-        name = request.match_info["name"]
+    # ---- what every protocol shares: lookup, the ORT run, capture and metrics -------------------------------
+
+    def find(self, name: str, version: str | None) -> LoadedModel:
+        """The model a request names (version None or "": the one serving), or NotFound."""
         model = self.model
         if name != self.name:
-            raise web.HTTPNotFound(text=f"model {name!r} not found (this server serves {self.name!r})")
-        version = request.match_info.get("version")
-        if version is not None and version != model.version:
-            raise web.HTTPNotFound(text=f"model {name!r} has no version {version!r} (serving {model.version})")
+            raise NotFound(f"model {name!r} not found (this server serves {self.name!r})")
+        if version and version != model.version:
+            raise NotFound(f"model {name!r} has no version {version!r} (serving {model.version})")
         return model
+
+    async def run(self, model: LoadedModel, request: InferRequest) -> list:
+        """The model's outputs for a decoded request. BadRequest when ORT rejects the input (what the schema
+        check could not see), InferenceFailed on any other ORT error."""
+        elements = sum(a.size for a in request.feeds.values())
+        try:
+            if elements <= INLINE_ELEMENTS:
+                return model.run(request.feeds, request.outputs)
+            return await asyncio.get_running_loop().run_in_executor(None, model.run, request.feeds, request.outputs)
+        except Exception as err:  # onnxruntime raises its own exception types
+            if type(err).__name__ in ("InvalidArgument", "Fail", "RuntimeException"):
+                raise BadRequest(f"the model rejected the input: {err}") from None
+            log("inference failed", level="error", error=repr(err))
+            raise InferenceFailed(f"inference failed: {type(err).__name__}") from None
+
+    def served(self, model: LoadedModel, request: InferRequest, names: list[str], results: list, started: float,
+               protocol: str) -> None:
+        """Capture and count one successful request."""
+        if self.capture is not None:  # inputs by name in their dtypes, and the outputs when all were computed
+            captured = dict(zip(names, results)) if list(names) == list(model.output_names) else None
+            self.capture.submit({spec.name: request.feeds[spec.name] for spec in model.inputs}, model.revision,
+                                outputs=captured)
+        requests, batch, latency = self.metrics.for_revision(self.name, model.version, protocol)
+        requests.inc()
+        batch.observe(request.rows)
+        latency.observe(time.perf_counter() - started)
+
+    def failed(self, model: LoadedModel, protocol: str, code: str) -> None:
+        self.metrics.errors.labels(self.name, model.version, protocol, code).inc()
+
+    # ---- REST ----------------------------------------------------------------------------------------------
+
+    def _find(self, request: web.Request) -> LoadedModel:
+        """The model a URL names, or an HTTP 404."""
+        try:
+            return self.find(request.match_info["name"], request.match_info.get("version"))
+        except NotFound as err:
+            raise web.HTTPNotFound(text=str(err)) from None
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         return web.json_response({"name": "kompressor", "version": __version__, "extensions": EXTENSIONS})
@@ -107,49 +157,44 @@ class InferenceServer:
         return web.json_response([{"name": self.name, "version": self.model.version, "state": "READY"}])
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(self.metrics.registry),
+        return web.Response(body=generate_latest(self.metrics.exposition()),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def infer(self, request: web.Request) -> web.Response:
+        with self.in_flight.track_inprogress():
+            return await self._infer(request)
+
+    async def _infer(self, request: web.Request) -> web.Response:
         started = time.perf_counter()
         model = self.model  # this request finishes on this model even if a swap happens meanwhile
         try:
             model = self._find(request)
+            body, binary = _split_body(await request.read(), request.headers.get(HEADER_LENGTH))
             try:
-                body = json.loads(await request.read())
+                header = json.loads(body)
             except (ValueError, UnicodeDecodeError) as err:
                 raise BadRequest(f"request body is not valid JSON: {err}") from None
-            feeds, outputs, request_id = decode_request(body, model)
-            elements = sum(a.size for a in feeds.values())
-            if elements <= INLINE_ELEMENTS:
-                results = model.run(feeds, outputs)
-            else:
-                results = await asyncio.get_running_loop().run_in_executor(None, model.run, feeds, outputs)
+            decoded = decode_request(header, model, binary)
+            results = await self.run(model, decoded)
         except BadRequest as err:
             return self._failed(model, 400, str(err))
+        except InferenceFailed as err:
+            return self._failed(model, 500, str(err))
         except web.HTTPException as err:
-            self.metrics.errors.labels(self.name, model.version, str(err.status)).inc()
+            self.failed(model, REST, str(err.status))
             raise
-        except Exception as err:  # ORT rejects what the schema check could not see (e.g. a bad graph input)
-            if type(err).__name__ in ("InvalidArgument", "Fail", "RuntimeException"):
-                return self._failed(model, 400, f"the model rejected the input: {err}")
-            log("inference failed", level="error", error=repr(err))
-            return self._failed(model, 500, f"inference failed: {type(err).__name__}")
-        names = outputs or model.output_names
-        response = encode_response(self.name, model, names, results, request_id)
-        rows = next(iter(feeds.values())).shape[0]
-        if self.capture is not None:  # inputs by name in their dtypes, and the outputs when all were computed
-            captured = dict(zip(names, results)) if list(names) == list(model.output_names) else None
-            self.capture.submit({spec.name: feeds[spec.name] for spec in model.inputs}, model.revision,
-                                outputs=captured)
-        requests, batch, latency = self.metrics.for_revision(self.name, model.version)
-        requests.inc()
-        batch.observe(rows)
-        latency.observe(time.perf_counter() - started)
-        return web.json_response(response)
+        names = decoded.outputs or model.output_names
+        response, chunks = encode_response(self.name, model, names, results, decoded.request_id,
+                                           decoded.binary_outputs)
+        self.served(model, decoded, names, results, started, REST)
+        if not chunks:
+            return web.json_response(response)
+        head = json.dumps(response).encode()
+        return web.Response(body=b"".join([head, *chunks]), content_type="application/octet-stream",
+                            headers={HEADER_LENGTH: str(len(head))})
 
     def _failed(self, model: LoadedModel, status: int, message: str) -> web.Response:
-        self.metrics.errors.labels(self.name, model.version, str(status)).inc()
+        self.failed(model, REST, str(status))
         return _error(status, message)
 
     async def load(self, request: web.Request) -> web.Response:
@@ -170,21 +215,53 @@ class InferenceServer:
         folder = _artifact_path(artifact)
         if folder is None:
             return _error(400, f"parameters.artifact must be an absolute path or a file:// URI, got {artifact!r}")
-        async with self._swap_lock:
-            loop = asyncio.get_running_loop()
+        if self.peers is not None:  # several worker processes: every one of them swaps, or none
             try:
-                new = await loop.run_in_executor(None, _load_and_warm, folder, sha256)
+                new = await self.peers.swap(folder, sha256)
             except UserError as err:
                 self.metrics.swaps.labels(self.name, "failed").inc()
                 log("hot swap refused", level="warning", artifact=str(folder), error=str(err))
                 return _error(400, str(err))
-            old, self.model = self.model, new
+            self.metrics.swaps.labels(self.name, "loaded").inc()
+            return web.json_response({"name": self.name, "version": new["version"], "sha256": new["sha256"]})
+        async with self._swap_lock:
+            try:
+                new = await load_model(folder, sha256)
+            except UserError as err:
+                self.metrics.swaps.labels(self.name, "failed").inc()
+                log("hot swap refused", level="warning", artifact=str(folder), error=str(err))
+                return _error(400, str(err))
             if self.capture is not None:  # before any request on the new model: rows served since count
                 self.capture.start_serving(new.revision)
-            self.metrics.revision.labels(self.name).set(new.revision)
+            self.switch(new)
             self.metrics.swaps.labels(self.name, "loaded").inc()
-        log("model swapped", model=self.name, old_revision=old.revision, revision=new.revision, sha256=new.sha256)
         return web.json_response({"name": self.name, "version": new.version, "sha256": new.sha256})
+
+    def switch(self, new: LoadedModel) -> None:
+        """Serve ``new`` from now on (one assignment: requests already running finish on the old model)."""
+        old, self.model = self.model, new
+        self.metrics.revision.labels(self.name).set(new.revision)
+        log("model swapped", model=self.name, old_revision=old.revision, revision=new.revision, sha256=new.sha256)
+
+
+async def load_model(folder: Path, sha256: str | None) -> LoadedModel:
+    """A verified, loaded and warmed-up model, built off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, _load_and_warm, folder, sha256)
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview | None]:
+    """(the JSON part, the binary data after it) of a REST request: the binary tensor extension puts the JSON's
+    length in the Inference-Header-Content-Length header and the tensors' bytes after it."""
+    if header_length is None:
+        return body, None
+    try:
+        length = int(header_length)
+    except ValueError:
+        length = -1
+    if not 0 <= length <= len(body):
+        raise BadRequest(f"{HEADER_LENGTH} must be an integer between 0 and the body's length ({len(body)}), "
+                         f"got {header_length!r}")
+    return body[:length], memoryview(body)[length:]
 
 
 def _load_and_warm(folder: Path, sha256: str | None) -> LoadedModel:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
@@ -12,16 +16,23 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("kompressor_inference_requests", "Successful inference requests.",
-                                ["model", "revision"], registry=r)
-        self.errors = Counter("kompressor_inference_errors", "Failed inference requests, by HTTP status.",
-                              ["model", "revision", "code"], registry=r)
+        self.requests = Counter("kompressor_inference_requests",
+                                "Successful inference requests, by protocol (rest, grpc).",
+                                ["model", "revision", "protocol"], registry=r)
+        self.errors = Counter("kompressor_inference_errors",
+                              "Failed inference requests, by protocol and status (REST: the HTTP status; gRPC: the "
+                              "status code name).", ["model", "revision", "protocol", "code"], registry=r)
         self.latency = Histogram("kompressor_inference_latency_seconds",
                                  "Time from request received to response ready (successful requests).",
                                  ["model", "revision"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch = Histogram("kompressor_inference_batch_size", "Rows per successful request.",
                                ["model", "revision"], buckets=BATCH_BUCKETS, registry=r)
-        self.revision = Gauge("kompressor_serving_revision", "Revision being served.", ["model"], registry=r)
+        # what spec.serving.autoscaling.targetConcurrency scales on (per-Pod average, through a metrics adapter)
+        self.in_flight = Gauge("kompressor_inference_requests_in_flight",
+                               "Inference requests being answered now (REST and gRPC).", ["model"], registry=r,
+                               multiprocess_mode="livesum")
+        self.revision = Gauge("kompressor_serving_revision", "Revision being served.", ["model"], registry=r,
+                              multiprocess_mode="livemostrecent")
         self.swaps = Counter("kompressor_model_swaps", "Hot swaps, by outcome.", ["model", "outcome"], registry=r)
         self.captured = Counter("kompressor_capture_rows", "Rows written to the capture folder.", ["model"],
                                 registry=r)
@@ -30,9 +41,23 @@ class ServerMetrics:
                                        "Rows not kept for drift watching (queue_full, size_cap, write_error).",
                                        ["model", "reason"], registry=r)
 
-    def for_revision(self, model: str, revision: str) -> tuple:
-        """(requests, batch, latency) children for one revision, looked up once (labels() is not free)."""
-        key = (model, revision)
+    def exposition(self) -> CollectorRegistry:
+        """What /metrics shows: this registry; with several worker processes (PROMETHEUS_MULTIPROC_DIR set, see
+        kompressor_jobs.serve.workers), the sum over all of them and the supervisor, whichever worker answers."""
+        folder = os.environ.get(MULTIPROC_ENV)
+        if not folder:
+            return self.registry
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=folder)
+        return registry
+
+    def for_revision(self, model: str, revision: str, protocol: str) -> tuple:
+        """(requests, batch, latency) children for one revision and protocol, looked up once (labels() is not
+        free)."""
+        key = (model, revision, protocol)
         if key not in self._children:
-            self._children[key] = (self.requests.labels(*key), self.batch.labels(*key), self.latency.labels(*key))
+            self._children[key] = (self.requests.labels(*key), self.batch.labels(model, revision),
+                                   self.latency.labels(model, revision))
         return self._children[key]

@@ -55,10 +55,14 @@ QUANTIZATION_MODE = "none"
 QUANTIZATION_CALIBRATION = "minmax"
 QUANTIZATION_PER_CHANNEL = True
 QUANTIZATION_MIN_AGREEMENT = 0.99
-QUANTIZATION_MAX_FALLBACK_NODES = 64
+# The INT8 fallback keeps at most this fraction of the quantized nodes in float (rounded up): past about a
+# quarter, most of INT8's speed-up is gone and another compression suits better. No count cap by default.
+QUANTIZATION_MAX_FALLBACK_FRACTION = 0.25
+QUANTIZATION_MAX_FALLBACK_NODES = None
 SEARCH_MIN_SPARSITY = 0.0
 SEARCH_MAX_SPARSITY = 0.95
 SEARCH_MAX_PROBES = 6
+SEARCH_MAX_ALTERNATES = 2  # passing probes kept as fallbacks besides the chosen one (full model copies)
 
 # spec.gates: a slice with fewer eval rows than this is judged Inconclusive.
 MIN_SLICE_SAMPLES = 20
@@ -78,7 +82,23 @@ LATENCY_TIMED_RUNS = 1000
 # spec.serving
 SERVING_REPLICAS = 1
 SERVING_PORT = 8080
+SERVING_GRPC_PORT = None  # spec.serving.grpcPort: gRPC off unless set (KServe and Triton use 9000 / 8001)
 SERVING_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+# spec.serving.autoscaling: the operator owns an autoscaling/v2 HorizontalPodAutoscaler for the serving
+# Deployment. targetConcurrency is a Pods metric: the per-Pod average of this gauge of the server's
+# /metrics (requests being answered), served to the HPA by a custom-metrics adapter (prometheus-adapter).
+SERVING_AUTOSCALING_MIN_REPLICAS = 1
+SERVING_CONCURRENCY_METRIC = "kompressor_inference_requests_in_flight"
+# targetCPUUtilization is a percentage of the container's CPU request: when spec.serving.resources sets
+# neither requests.cpu nor limits.cpu (which the API server copies into requests), this request is added.
+SERVING_AUTOSCALING_CPU_REQUEST = SERVING_RESOURCES["requests"]["cpu"]
+# The serving PodDisruptionBudget (replicas > 1, or autoscaling): a drain or an eviction takes at most
+# this many serving Pods at a time, and never blocks a drain of a single-replica model for good.
+SERVING_PDB_MAX_UNAVAILABLE = 1
+# With replicas > 1 (or autoscaling up to more than one), serving Pods spread over nodes by default: a soft
+# constraint (ScheduleAnyway), so a one-node cluster still schedules them all.
+SERVING_SPREAD_TOPOLOGY_KEY = "kubernetes.io/hostname"
+SERVING_SPREAD_MAX_SKEW = 1
 
 # spec.jobs
 JOB_GPU = 0

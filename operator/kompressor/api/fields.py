@@ -40,12 +40,16 @@ def api_field(
     default: Any = _MISSING,
     default_factory: Any = _MISSING,
     required: bool = False,
+    wire: str | None = None,
     **bounds: Any,
 ) -> Any:
-    """A dataclass field with its schema. ``required`` fields have no default."""
+    """A dataclass field with its schema. ``required`` fields have no default. ``wire`` overrides the camelCase
+    name where Kubernetes spells an initialism in capitals (targetCPUUtilization, as the HPA API does)."""
     if isinstance(bounds.get("enum"), list):
         bounds["enum"] = tuple(bounds["enum"])
     metadata = {"description": description, "bounds": Bounds(**bounds), "required": required}
+    if wire is not None:
+        metadata["wire"] = wire
     # Keyword-only, so required fields may follow defaulted ones in declaration order.
     if required:
         return dataclasses.field(metadata=metadata, kw_only=True)

@@ -58,6 +58,13 @@ RULES: tuple[Rule, ...] = (
     # The CRD gives lists no default, so an unset list is absent (not []) when CEL runs: guard with has().
     Rule(s.GatesSpec, "!has(self.slices) || self.slices.all(a, self.slices.filter(b, b.name == a.name).size() == 1)",
          ".slices", "slices must have unique names", lambda g: len({x.name for x in g.slices}) == len(g.slices)),
+    Rule(s.ServingSpec, "!has(self.grpcPort) || self.grpcPort != self.port", ".grpcPort",
+         "grpcPort must differ from port", lambda x: x.grpc_port is None or x.grpc_port != x.port),
+    Rule(s.AutoscalingSpec, "self.minReplicas <= self.maxReplicas", ".minReplicas",
+         "minReplicas must be <= maxReplicas", lambda x: x.min_replicas <= x.max_replicas),
+    Rule(s.AutoscalingSpec, "has(self.targetCPUUtilization) != has(self.targetConcurrency)",
+         ".targetCPUUtilization", "set exactly one of targetCPUUtilization and targetConcurrency",
+         lambda x: (x.target_cpu_utilization is None) != (x.target_concurrency is None)),
     Rule(s.DriftSpec, "self.mode != 'online' || self.detector in ['mmd', 'lsdd', 'cvm']", ".detector",
          "detector must be mmd, lsdd or cvm when mode is online",
          lambda x: x.mode != "online" or x.detector in s.ONLINE_DETECTORS),

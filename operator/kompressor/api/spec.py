@@ -178,11 +178,16 @@ class QuantizationSpec:
     per_channel: bool = api_field("Per-channel INT8 weights.", default=d.QUANTIZATION_PER_CHANNEL)
     min_agreement: float = api_field("INT8 fidelity: the least top-1 agreement (cosine similarity for regression and "
                                      "embedding) with the float model on the whole validation split. Below it, the "
-                                     "most sensitive nodes are kept in float one by one (the fallback). 0 opts "
-                                     "out explicitly.", default=d.QUANTIZATION_MIN_AGREEMENT, minimum=0.0, maximum=1.0)
-    max_fallback_nodes: int = api_field("Most nodes the fallback may keep in float before the quantization is "
-                                        "declared a failure.", default=d.QUANTIZATION_MAX_FALLBACK_NODES,
-                                        minimum=0, maximum=1000)
+                                     "most sensitive nodes are kept in float (the fallback: nodes ranked by the "
+                                     "error of quantizing each alone, then the fewest that pass). 0 opts out "
+                                     "explicitly.", default=d.QUANTIZATION_MIN_AGREEMENT, minimum=0.0, maximum=1.0)
+    max_fallback_fraction: float = api_field("Most of the quantized nodes the fallback may keep in float, as a "
+                                             "fraction (rounded up), before the quantization is declared a failure. "
+                                             "0 turns the fallback off.", default=d.QUANTIZATION_MAX_FALLBACK_FRACTION,
+                                             minimum=0.0, maximum=1.0)
+    max_fallback_nodes: int | None = api_field("Most nodes the fallback may keep in float, as a count, on top of "
+                                               "maxFallbackFraction. Unset: no count cap; 0 turns the fallback off.",
+                                               default=d.QUANTIZATION_MAX_FALLBACK_NODES, minimum=0, maximum=1000)
 
 
 @dataclass
@@ -190,8 +195,9 @@ class SearchSpec:
     """Accuracy-aware search: find the largest sparsity that passes every gate. Probes are judged on the
     validation split (never on eval): a grid from maxSparsity down, stopping at its first pass, then refined
     above it (accuracy need not fall steadily with sparsity). The sparsest passing probe is kept and the other
-    passing probes too; the evaluate Job gates it on eval, and when eval disagrees it tries the next passing
-    probe (the status and the model card say how many touched the eval data)."""
+    passing probes too (at most maxAlternates of them); the evaluate Job gates it on eval, and when eval
+    disagrees it tries the next kept passing probe (the status and the model card say how many touched the eval
+    data)."""
 
     enabled: bool = api_field("Search the sparsity instead of using pruning.sparsity.", default=False)
     min_sparsity: float = api_field("Lower end of the searched sparsity range.",
@@ -200,6 +206,11 @@ class SearchSpec:
                                     default=d.SEARCH_MAX_SPARSITY, minimum=0.0, maximum=0.99)
     max_probes: int = api_field("Most candidate sparsities tried.", default=d.SEARCH_MAX_PROBES,
                                 minimum=1, maximum=20)
+    max_alternates: int = api_field(
+        "Most passing probes kept besides the chosen one, sparsest first, each a full copy of the model under "
+        "alternates/ in the artifact. When eval disagrees with validation on the chosen probe, the evaluate Job "
+        "tries only these, in order, and says when none is left; passing probes beyond this are not kept. "
+        "0 keeps none (no fallback).", default=d.SEARCH_MAX_ALTERNATES, minimum=0, maximum=19)
 
 
 @dataclass
@@ -251,21 +262,56 @@ class GatesSpec:
     min_cosine_similarity: float | None = api_field("Fidelity: lowest accepted mean cosine similarity of the outputs "
                                                     "to the uncompressed model's (any task; needs no labels).",
                                                     minimum=-1.0, maximum=1.0)
-    defaults: bool = api_field("Apply the task's default quality gate when no quality gate is set; false opts out "
-                               "explicitly (then a candidate with no gates is promoted unchecked).",
-                               default=d.GATES_DEFAULTS)
+    defaults: bool = api_field(
+        "Apply the task's default quality gate when no quality gate is set ("
+        + "; ".join(f"{task}: " + ", ".join(f"{gate} {value}" for gate, value in gates.items())
+                    for task, gates in d.DEFAULT_QUALITY_GATES.items())
+        + "; the classification default is Intel Neural Compressor's default criterion); false opts out "
+        "explicitly (then a candidate with no gates is promoted unchecked).", default=d.GATES_DEFAULTS)
     slices: list[SliceGate] = api_field("Per-slice accuracy floors.", default_factory=list, max_items=64)
     min_slice_samples: int = api_field("A slice with fewer eval rows is judged Inconclusive, not passed.",
                                        default=d.MIN_SLICE_SAMPLES, minimum=1)
 
 
 @dataclass
+class AutoscalingSpec:
+    """Autoscaling of the serving Deployment: the operator owns an autoscaling/v2 HorizontalPodAutoscaler for it
+    (and deletes it when this section is removed). Set exactly one target. While it is set, replicas is not
+    applied: the HPA owns the Deployment's replica count. A cluster feature: the embedded mode ignores it."""
+
+    min_replicas: int = api_field("Fewest serving replicas.", default=d.SERVING_AUTOSCALING_MIN_REPLICAS,
+                                  minimum=1, maximum=100)
+    max_replicas: int = api_field("Most serving replicas (at least minReplicas).", required=True, minimum=1,
+                                  maximum=100)
+    target_cpu_utilization: int | None = api_field(
+        "Target average CPU use, as a percentage of the serving container's CPU request (a Resource metric, "
+        "served by metrics-server). It needs a CPU request: when resources sets neither requests.cpu nor "
+        f"limits.cpu, the serving container gets requests.cpu {d.SERVING_AUTOSCALING_CPU_REQUEST}.",
+        minimum=1, maximum=1000, wire="targetCPUUtilization")
+    target_concurrency: int | None = api_field(
+        "Target average of requests in flight per serving Pod (a Pods metric on the server's "
+        f"{d.SERVING_CONCURRENCY_METRIC} gauge). Needs a custom-metrics adapter that serves that gauge from "
+        "Prometheus to the custom.metrics.k8s.io API (prometheus-adapter, or KEDA's); without one the HPA "
+        "reports FailedGetPodsMetric and does not scale.", minimum=1, maximum=10000)
+
+
+@dataclass
 class ServingSpec:
     """The serving Deployment (ONNX Runtime, Open Inference Protocol v2)."""
 
-    replicas: int = api_field("Serving replicas.", default=d.SERVING_REPLICAS, minimum=0, maximum=100)
+    replicas: int = api_field("Serving replicas (not applied while autoscaling is set: the HPA owns the count).",
+                              default=d.SERVING_REPLICAS, minimum=0, maximum=100)
     resources: dict | None = api_field("Container resources (requests/limits), as in a Pod spec.", free_form=True)
     port: int = api_field("HTTP port of the inference server.", default=d.SERVING_PORT, minimum=1, maximum=65535)
+    grpc_port: int | None = api_field("gRPC port of the inference server (Open Inference Protocol v2, "
+                                      "inference.GRPCInferenceService, beside REST on port; same model, capture and "
+                                      "metrics). Unset: REST only.", default=d.SERVING_GRPC_PORT, minimum=1,
+                                      maximum=65535)
+    autoscaling: AutoscalingSpec | None = api_field(
+        "Scale the serving Deployment with the load (a HorizontalPodAutoscaler; replicas is then not applied). "
+        "Unset: a fixed replicas count. With more than one replica, or autoscaling, the operator also keeps a "
+        f"PodDisruptionBudget (maxUnavailable {d.SERVING_PDB_MAX_UNAVAILABLE}) and spreads the Pods over nodes "
+        "(a soft topologySpreadConstraint on kubernetes.io/hostname).")
 
 
 @dataclass
@@ -356,7 +402,8 @@ class CompressedModelSpec:
     model: ModelSpec = api_field("The source model.", required=True)
     data: DataSpec = api_field("Datasets.", required=True)
     compression: CompressionSpec = api_field("Compression settings.", default_factory=CompressionSpec)
-    gates: GatesSpec = api_field("Metric gates.", default_factory=GatesSpec)
+    gates: GatesSpec = api_field("Metric gates, judged on the eval data alone; with no quality gate set, the task's "
+                                 "default quality gate applies (see gates.defaults).", default_factory=GatesSpec)
     serving: ServingSpec = api_field("Serving settings.", default_factory=ServingSpec)
     jobs: JobsSpec = api_field("Job settings.", default_factory=JobsSpec)
     drift: DriftSpec = api_field("Drift watching.", default_factory=DriftSpec)

@@ -51,7 +51,7 @@ def fields_of(cls: type) -> tuple[FieldInfo, ...]:
         if optional:
             hint = _strip_none(hint)
         out.append(FieldInfo(
-            name=f.name, wire=camel(f.name), hint=hint, optional=optional,
+            name=f.name, wire=f.metadata.get("wire") or camel(f.name), hint=hint, optional=optional,
             required=f.metadata.get("required", False), description=f.metadata.get("description", ""),
             bounds=f.metadata.get("bounds", Bounds()), field=f,
         ))

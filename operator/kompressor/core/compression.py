@@ -137,7 +137,8 @@ def record(run: Run, c: Candidate, report: EvalReport) -> None:
     if search.get("evalDisagreed"):  # the search chose on validation; eval did not confirm that choice
         note = (f"; eval disagreed with validation on sparsity {', '.join(map(str, search['evalDisagreed']))}"
                 + (f", so the next passing probe ({search.get('chosenSparsity')}) was kept" if search.get("fellBack")
-                   else "") + f"; {search.get('probesOnEval')} candidates touched the eval data")
+                   else "") + f"; {search.get('probesOnEval')} candidates touched the eval data"
+                + (f"; {search['message']}" if search.get("message") and not search.get("fellBack") else ""))
     conditions.put(st, "Compressed", "True", reasons.COMPRESSED, f"{summary} compressed and evaluated{note}",
                    run.gen, run.stamp)
     if report.gates.passed:

@@ -69,6 +69,13 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def _note_cluster_only(cm: CompressedModel) -> None:
+    """Say which spec fields only a cluster acts on: the embedded mode runs one local server per model."""
+    if cm.spec.serving.autoscaling is not None:
+        log("spec.serving.autoscaling is a cluster feature (a HorizontalPodAutoscaler and a PodDisruptionBudget "
+            "for the serving Deployment): the embedded mode serves one process and ignores it", model=cm.key)
+
+
 class ModelRunner:
     """One CompressedModel: its reconcile loop, its jobs, its server and watcher."""
 
@@ -81,8 +88,9 @@ class ModelRunner:
         self.requeue_at: float | None = None
         self.status = self._load_status()
         self.cm = self._assign_generation(cm)
+        _note_cluster_only(self.cm)
         self.jobs = LocalJobs(self.files.jobs, self.files.logs, self.poke, self._job_output)
-        self.serving = LocalServing(cm.name, port, self.files, self.poke)
+        self.serving = LocalServing(cm.name, port, self.files, self.poke, grpc_port=cm.spec.serving.grpc_port)
         self._reports: dict[int, tuple[float, EvalReport]] = {}
         self._verdict_text: str | None = None
         self.task: asyncio.Task | None = None
@@ -128,8 +136,10 @@ class ModelRunner:
     def update(self, cm: CompressedModel) -> None:
         before = self.cm
         self.cm = self._assign_generation(cm)
+        self.serving.grpc_port = self.cm.spec.serving.grpc_port  # taken up when the server (re)starts
         if self.cm.generation != before.generation:
             log("spec changed", model=self.key, generation=self.cm.generation)
+            _note_cluster_only(self.cm)
         if self.cm.annotations != before.annotations:
             log("annotations changed", model=self.key, annotations=self.cm.annotations)
         self.poke()

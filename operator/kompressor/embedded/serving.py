@@ -45,9 +45,11 @@ class _Backoff:
 
 
 class LocalServing:
-    def __init__(self, name: str, port: int, files: ModelDir, changed: Callable[[], None]):
+    def __init__(self, name: str, port: int, files: ModelDir, changed: Callable[[], None],
+                 grpc_port: int | None = None):
         self.name = name
         self.port = port
+        self.grpc_port = grpc_port  # spec.serving.grpcPort, as given (the embedded mode assigns only REST ports)
         self.files = files
         self.changed = changed
         self.server: Child | None = None
@@ -83,7 +85,8 @@ class LocalServing:
         if wait:
             self._later(wait)
             return
-        argv = commands.serve_argv(str(artifact_dir), self.name, self.port, str(self.files.capture), host=HOST)
+        argv = commands.serve_argv(str(artifact_dir), self.name, self.port, str(self.files.capture), host=HOST,
+                                   grpc_port=self.grpc_port)
         self.server = Child(argv, self.files.logs / "serving.log")
         self.server_target, self.served_revision, self.ready = target, None, False
         await self.server.start()

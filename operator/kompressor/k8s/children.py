@@ -11,8 +11,9 @@ from kompressor.api import defaults as d
 from kompressor.api.manifest import CompressedModel
 from kompressor.core import names
 from kompressor.core.actions import RunJob, Serve
-from kompressor.errors import BAD_INPUT_EXIT_CODE
+from kompressor.errors import BAD_INPUT_EXIT_CODE, TERMINATION_LOG_ENV
 from kompressor.k8s import resources as r
+from kompressor.k8s import scaling
 from kompressor.k8s.storage import PodStore, pod_path_of
 
 SPEC_FILE = "compressedmodel.yaml"
@@ -23,6 +24,10 @@ DRIFT_STATE_KEY = "{namespace}/{name}/drift-state"
 CACHE_KEY = "_cache"
 TMP_VOLUME = "tmp"
 TMP_MOUNT = "/tmp"  # HOME and temp files of the jobs image; the root filesystem is read-only
+# A Job's container writes why it failed here (kompressor.errors.write_termination_message); the kubelet
+# reports it in the Pod's status, the operator copies it into the CompressedModel's. A crash that writes
+# nothing (a traceback, a signal) leaves the tail of its log there instead.
+TERMINATION_LOG = "/dev/termination-log"
 METRICS_PORT_NAME = "metrics"  # the chart's PodMonitor scrapes this port on watcher Pods ("http" on serving)
 
 # The non-root user of the jobs image (jobs/Dockerfile: USER 10001:10001). Set explicitly, so that a custom
@@ -147,8 +152,10 @@ def job(cm: CompressedModel, action: RunJob, store: PodStore) -> dict:
     spec_volume, spec_mount = _spec_volume(cm)
     meta = _metadata(cm, action.name, action.kind, action.revision)
     meta["labels"][r.LABEL_GENERATION] = str(action.generation)
-    container = {"name": action.kind, "image": jobs.image, "command": argv, "env": _env(store),
-                 "resources": resources, "volumeMounts": [spec_mount, store.mount]}
+    container = {"name": action.kind, "image": jobs.image, "command": argv,
+                 "env": [*_env(store), {"name": TERMINATION_LOG_ENV, "value": TERMINATION_LOG}],
+                 "resources": resources, "volumeMounts": [spec_mount, store.mount],
+                 "terminationMessagePath": TERMINATION_LOG, "terminationMessagePolicy": "FallbackToLogsOnError"}
     _checkov_skips(meta, container)
     pod_spec = {"restartPolicy": "Never", **_pod_spec(container, [spec_volume, store.volume])}
     if jobs.node_selector:
@@ -166,19 +173,20 @@ def job(cm: CompressedModel, action: RunJob, store: PodStore) -> dict:
 def serving_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> dict:
     serving = cm.spec.serving
     capture = store.path(CAPTURE_KEY.format(namespace=cm.namespace, name=cm.name))
-    argv = commands.serve_argv(pod_path_of(action.artifact.uri), cm.name, serving.port, capture)
+    argv = commands.serve_argv(pod_path_of(action.artifact.uri), cm.name, serving.port, capture,
+                               grpc_port=serving.grpc_port)
     meta = _metadata(cm, names.serving_name(cm.name), "serving", action.revision)
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
     container = {
         "name": "serve", "image": cm.spec.jobs.image, "command": argv, "env": _env(store),
-        "ports": [{"name": "http", "containerPort": serving.port}],
+        "ports": [{"name": "http", "containerPort": serving.port}, *_grpc_port(serving, "containerPort")],
         "readinessProbe": probe,
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10},
         "resources": _resources(serving.resources, d.SERVING_RESOURCES), "volumeMounts": [store.mount],
     }
     _checkov_skips(meta, container)
-    return _deployment(meta, serving.replicas, "serving", container, [store.volume],
-                       sha256=action.artifact.sha256)
+    body = _deployment(meta, serving.replicas, "serving", container, [store.volume], sha256=action.artifact.sha256)
+    return scaling.shape_deployment(cm, body)  # replicas or an HPA, spreading, a CPU request for a CPU target
 
 
 def watcher_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> dict:
@@ -219,12 +227,23 @@ def _deployment(meta: dict, replicas: int, component: str, container: dict, volu
     return with_hash(body)
 
 
+def _grpc_port(serving, key: str) -> list[dict]:
+    """The gRPC port entry of the serving container ("containerPort") or Service ("port"), when spec.serving.grpcPort
+    is set. Named "grpc" (what service meshes read as the protocol), HTTP/2 without TLS."""
+    if serving.grpc_port is None:
+        return []
+    entry = {"name": "grpc", key: serving.grpc_port}
+    if key == "port":
+        entry.update(targetPort="grpc", appProtocol="kubernetes.io/h2c")
+    return [entry]
+
+
 def service(cm: CompressedModel) -> dict:
     port = cm.spec.serving.port
     return with_hash({
         "apiVersion": "v1", "kind": "Service", "metadata": _metadata(cm, names.serving_name(cm.name), "serving"),
         "spec": {"selector": {r.LABEL_INSTANCE: cm.name, r.LABEL_COMPONENT: "serving"},
-                 "ports": [{"name": "http", "port": port, "targetPort": "http"}]},
+                 "ports": [{"name": "http", "port": port, "targetPort": "http"}, *_grpc_port(cm.spec.serving, "port")]},
     })
 
 

@@ -7,6 +7,7 @@ Credentials come from the pod's service account, else from $KUBECONFIG / ~/.kube
 from __future__ import annotations
 
 import ssl
+import time
 from typing import Any
 
 import aiohttp
@@ -36,15 +37,21 @@ def load_configuration():
     return cfg
 
 
+AUTH_TTL_SECONDS = 10.0  # how long the Authorization header is reused before the credentials are read again
+
+
 class ApiClient:
     def __init__(self, configuration=None, limit: int = 32):
         self._cfg = configuration or load_configuration()
+        # Read once: the kubernetes package's Configuration.host recomputes it (proxy lookup included) on each access.
+        self._host = self._cfg.host.rstrip("/")
         self._limit = limit
         self._session: aiohttp.ClientSession | None = None
+        self._auth: tuple[float, str | None] | None = None  # (read at, header)
 
     def _ssl(self):
         cfg = self._cfg
-        if not cfg.host.startswith("https"):
+        if not self._host.startswith("https"):
             return None
         if not cfg.verify_ssl:
             return False
@@ -61,6 +68,18 @@ class ApiClient:
                                                   timeout=aiohttp.ClientTimeout(total=60))
         return self._session
 
+    def _authorization(self) -> str | None:
+        """The bearer token header, re-read every AUTH_TTL_SECONDS: each read runs the kubernetes package's
+        refresh hook, which re-applies the whole kubeconfig (a proxy lookup in the environment included),
+        about a millisecond per API call otherwise. Rotated tokens stay valid far longer than that."""
+        now = time.monotonic()
+        if self._auth is None or now - self._auth[0] > AUTH_TTL_SECONDS:
+            # kubernetes >= 36 keeps the bearer token (in-cluster, kubeconfig tokens) under "BearerToken";
+            # older clients under "authorization" (as Kopf's login_via_client reads it).
+            cfg = self._cfg
+            self._auth = (now, cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization"))
+        return self._auth[1]
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -68,14 +87,12 @@ class ApiClient:
     async def call(self, access: Access, namespace: str | None = None, name: str | None = None,
                    body: Any = None, params: dict | None = None) -> Any:
         headers = {"Accept": "application/json"}
-        # kubernetes >= 36 keeps the bearer token (in-cluster, kubeconfig tokens) under "BearerToken";
-        # older clients under "authorization" (as Kopf's login_via_client reads it).
-        auth = self._cfg.get_api_key_with_prefix("BearerToken") or self._cfg.get_api_key_with_prefix("authorization")
+        auth = self._authorization()
         if auth:
             headers["Authorization"] = auth
         if access.verb == "patch":
             headers["Content-Type"] = "application/merge-patch+json"
-        url = self._cfg.host.rstrip("/") + access.resource.path(namespace, name, access.subresource)
+        url = self._host + access.resource.path(namespace, name, access.subresource)
         async with self.session.request(access.method, url, json=body, params=params, headers=headers) as resp:
             if resp.status >= 400:
                 text = await resp.text()

@@ -8,6 +8,8 @@ from kompressor.k8s.client import ApiClient, ApiError
 
 DELETE_JOB = declare(r.JOBS, "delete")
 DELETE_DEPLOYMENT = declare(r.DEPLOYMENTS, "delete")
+DELETE_AUTOSCALER = declare(r.HORIZONTALPODAUTOSCALERS, "delete")
+DELETE_DISRUPTION_BUDGET = declare(r.PODDISRUPTIONBUDGETS, "delete")
 
 # Foreground would keep the Job visible until its pods are gone; Background lets the
 # garbage collector remove the pods after the Job object is deleted.

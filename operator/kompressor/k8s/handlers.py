@@ -26,6 +26,21 @@ FINALIZER = f"{d.GROUP}/artifacts"
 _metrics: OperatorMetrics | None = None
 
 
+class NoDiffBase(kopf.DiffBaseStorage):
+    """Keeps no last-handled state: Kopf sees each event as a creation without handlers, and the
+    deletion handler fires on deletionTimestamp, which needs no diff. Nor does it build an essence
+    (Kopf's is a deep copy of the whole object, twice per event)."""
+
+    def build(self, *, body, extra_fields=None):
+        return {}
+
+    def fetch(self, *, body):
+        return None
+
+    def store(self, *, body, patch, essence):
+        pass
+
+
 def operator_metrics() -> OperatorMetrics:
     """One set of metric families per process (prometheus-client refuses duplicates)."""
     global _metrics
@@ -48,8 +63,9 @@ def build_registry() -> kopf.OperatorRegistry:
         # The status schema is structural (unknown fields are pruned): Kopf keeps its own state
         # in annotations instead.
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=d.GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix=d.GROUP, key="last-handled-configuration")
+        # Our only change handler is on.delete, which needs no diff: no diff-base annotation either
+        # (it was one more patch, and one more event, per CompressedModel created or edited).
+        settings.persistence.diffbase_storage = NoDiffBase()
         settings.persistence.finalizer = FINALIZER
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
@@ -63,33 +79,35 @@ def build_registry() -> kopf.OperatorRegistry:
             await memo.controller.stop()
 
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="kompressor_jobs", registry=registry)
-    def kompressor_jobs(namespace, name, labels, status, **_):
+    async def kompressor_jobs(namespace, name, labels, status, **_):
         state = job_state(name, dict(labels), dict(status))
         return {(namespace, labels[r.LABEL_INSTANCE]): state} if state else None
 
     @kopf.index("apps", "v1", "deployments", labels={**MANAGED, r.LABEL_COMPONENT: "serving"},
                 id="kompressor_serving", registry=registry)
-    def kompressor_serving(namespace, labels, spec, status, meta, **_):
+    async def kompressor_serving(namespace, labels, spec, status, meta, **_):
         state = serving_state(dict(labels), dict(spec), dict(status), meta.get("generation"))
         return {(namespace, labels[r.LABEL_INSTANCE]): state}
 
     # The event handlers skip events that change nothing the core looks at (Kopf's own
     # annotation and finalizer patches, the echo of our status patch, a Job merely created).
+    # The index and event handlers are coroutines: they only touch dicts, and Kopf runs plain
+    # functions in a thread pool (a thread hop per event, thousands of them at 1000 CRs).
     @kopf.on.event(d.GROUP, d.VERSION, d.PLURAL, registry=registry)
-    def model_event(type, body, namespace, name, memo: kopf.Memo, **_):
+    async def model_event(type, body, namespace, name, memo: kopf.Memo, **_):
         if type == "DELETED":
             memo.controller.forget((namespace, name))
         else:
             memo.controller.model_changed((namespace, name), body)
 
     @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry)
-    def job_event(type, namespace, name, labels, status, memo: kopf.Memo, **_):
+    async def job_event(type, namespace, name, labels, status, memo: kopf.Memo, **_):
         state = job_state(name, dict(labels), dict(status))
         memo.controller.child_changed((namespace, labels[r.LABEL_INSTANCE]), ("job", name),
                                       None if type == "DELETED" else state and state.phase)
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
-    def deployment_event(type, namespace, name, labels, spec, status, meta, memo: kopf.Memo, **_):
+    async def deployment_event(type, namespace, name, labels, spec, status, meta, memo: kopf.Memo, **_):
         state = serving_state(dict(labels), dict(spec), dict(status), meta.get("generation"))
         memo.controller.child_changed((namespace, labels[r.LABEL_INSTANCE]), ("deployment", name),
                                       None if type == "DELETED" else state)

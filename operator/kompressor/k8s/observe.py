@@ -3,6 +3,7 @@ metrics.json from the artifact store."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
@@ -10,7 +11,9 @@ from kompressor.api.manifest import CompressedModel
 from kompressor.api.report import EvalReport
 from kompressor.core import names
 from kompressor.core.observed import JobState, Observed, ServingState
+from kompressor.core.scaling import wanted_ready
 from kompressor.k8s import resources as r
+from kompressor.k8s.scaling import LABEL_MIN_READY
 
 JOB_REASON_POD_FAILURE_POLICY = "PodFailurePolicy"  # the Job controller's reason when a FailJob rule matched
 
@@ -52,13 +55,42 @@ def job_state(name: str, labels: dict, status: dict) -> JobState | None:
                     message=message, bad_input=bad_input, started_at=_time(status.get("startTime")), finished_at=finished)
 
 
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # the Job controller labels each Pod of a Job with it
+MESSAGE_CHARS = 500  # of a Pod's termination message, in the CompressedModel's status
+
+
+def pod_failure_message(pods: Iterable[dict], container: str) -> str:
+    """The termination message of ``container`` in the last failed Pod: the job's own last line (what it
+    wrote to its termination log, or the tail of its log when it crashed), "" when there is none."""
+    finished = []
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated") or {}
+            if status.get("name") == container and terminated.get("exitCode") and terminated.get("message"):
+                finished.append((terminated.get("finishedAt") or "", terminated["message"]))
+    if not finished:
+        return ""
+    lines = [line.strip() for line in max(finished)[1].splitlines() if line.strip()]
+    return lines[-1][:MESSAGE_CHARS] if lines else ""
+
+
+def with_message(job: JobState, message: str) -> JobState:
+    """The Job's state with its Pod's message as why it failed (the Job controller's text otherwise)."""
+    return replace(job, message=message) if message else job
+
+
 def serving_state(labels: dict, spec: dict, status: dict, generation: int | None) -> ServingState:
-    """Ready = the current template is rolled out and every wanted replica is ready."""
+    """Ready = the current template is rolled out and every wanted replica is ready (under an HPA: its
+    minReplicas, from the Deployment's label, so that scaling up under load does not clear Ready)."""
     try:
         revision = int(labels[r.LABEL_REVISION])
     except (KeyError, ValueError):
         revision = None
-    wanted = int(spec.get("replicas", 1))
+    try:
+        min_ready = int(labels[LABEL_MIN_READY])
+    except (KeyError, ValueError):
+        min_ready = None
+    wanted = wanted_ready(int(spec.get("replicas", 1)), min_ready)
     rolled_out = generation is None or int(status.get("observedGeneration") or 0) >= generation
     ready = (rolled_out and int(status.get("updatedReplicas") or 0) >= wanted
              and int(status.get("readyReplicas") or 0) >= wanted)

@@ -11,6 +11,8 @@ from kompressor.k8s.client import ApiClient, ApiError
 PATCH_MODEL_STATUS = declare(r.COMPRESSEDMODELS, "patch", subresource="status")
 PATCH_DEPLOYMENT = declare(r.DEPLOYMENTS, "patch")
 PATCH_SERVICE = declare(r.SERVICES, "patch")
+PATCH_AUTOSCALER = declare(r.HORIZONTALPODAUTOSCALERS, "patch")
+PATCH_DISRUPTION_BUDGET = declare(r.PODDISRUPTIONBUDGETS, "patch")
 
 
 async def patch(api: ApiClient, access: Access, namespace: str, name: str, body: dict) -> dict | None:

@@ -11,6 +11,9 @@ CONFIGMAPS = Resource("", "v1", "configmaps")
 SERVICEACCOUNTS = Resource("", "v1", "serviceaccounts")
 ROLEBINDINGS = Resource("rbac.authorization.k8s.io", "v1", "rolebindings")
 EVENTS = Resource("", "v1", "events")
+PODS = Resource("", "v1", "pods")
+HORIZONTALPODAUTOSCALERS = Resource("autoscaling", "v2", "horizontalpodautoscalers")
+PODDISRUPTIONBUDGETS = Resource("policy", "v1", "poddisruptionbudgets")
 
 # Labels every child carries; the indexes select on MANAGED_BY.
 LABEL_NAME = "app.kubernetes.io/name"
