@@ -7,7 +7,11 @@ Measures, with the real `kompressor operator` process (Kopf) against tests/suppo
    A tiny fake controller completes Jobs (writing a synthetic metrics.json) and marks
    Deployments ready, so resources reach Serving without running real jobs.
 
-    python bench/operator.py [--sizes 10 200 1000] [--rollbacks 50] [--out docs/benchmarks/operator.md]
+    python bench/operator.py [--sizes 10 200 1000] [--rollbacks 50] [--json FILE] [--out docs/benchmarks/operator.md]
+
+``--out`` rewrites this benchmark's section of the file (between its markers; bench/operator_real.py,
+the same measurement on the real control plane, writes its own and, given ``--json``'s file, the
+side-by-side table).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from kompressor.store import open_store  # noqa: E402
 from support.cluster import Cluster, digits_model  # noqa: E402
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
+BEGIN, END = "<!-- bench/operator.py:begin -->", "<!-- bench/operator.py:end -->"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,6 +74,7 @@ async def creation_latency(n: int, workdir: Path) -> dict:
             async with sem:
                 await cluster.create(digits_model(f"m{i}"))
 
+        load_before = os.getloadavg()[0]
         started = time.monotonic()
         await asyncio.gather(*(create(i) for i in range(n)))
         prune_jobs = {names.job_name(f"m{i}", "prune", 1, 1) for i in range(n)}
@@ -83,7 +89,8 @@ async def creation_latency(n: int, workdir: Path) -> dict:
         await quiet(cluster)
         return {"n": n, "p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                 "max": max(latencies), "all_jobs_s": all_created, "rss_mb": rss_mb(cluster.operator.pid),
-                "operator_cpu_s": operator_cpu, "emulator_cpu_s": own_cpu}
+                "operator_cpu_s": operator_cpu, "emulator_cpu_s": own_cpu,
+                "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
 async def fake_controllers(cluster: Cluster, stop: asyncio.Event) -> None:
@@ -171,19 +178,23 @@ async def rollback_latency(count: int, workdir: Path) -> dict:
 
 
 def render(rows: list[dict], rollback: dict) -> str:
+    loads = [row[key] for row in rows for key in ("load_before", "load_after")]
     lines = [
-        "## Operator (bench/operator.py)", "",
+        "## Operator against the emulator (bench/operator.py)", "",
         "Real `kompressor operator` (Kopf) process against the loopback API emulator of tests/support "
-        "(kmock), on this 2-core shared machine; the emulator runs in the benchmark process. Latencies use "
-        "the emulator's own timestamps of the two writes.", "",
+        "(kmock), on this 2-core machine shared with other work (1-minute load average "
+        f"{min(loads):.1f} to {max(loads):.1f} during the creation runs); the emulator runs in the benchmark "
+        "process. Latencies use the emulator's own timestamps of the two writes. `python bench/operator.py "
+        f"--sizes {' '.join(str(row['n']) for row in rows)} --rollbacks {rollback['count']}`.", "",
         "| CRs created at once | CR → pruning Job p50 | p95 | max | all Jobs created after | operator RSS "
-        "| operator CPU | emulator CPU |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| operator CPU | emulator CPU | load avg before → after |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(f"| {row['n']} | {row['p50'] * 1000:.0f} ms | {row['p95'] * 1000:.0f} ms | "
                      f"{row['max'] * 1000:.0f} ms | {row['all_jobs_s']:.1f} s | {row['rss_mb']:.0f} MB | "
-                     f"{row['operator_cpu_s']:.1f} s | {row['emulator_cpu_s']:.1f} s |")
+                     f"{row['operator_cpu_s']:.1f} s | {row['emulator_cpu_s']:.1f} s | "
+                     f"{row['load_before']:.1f} → {row['load_after']:.1f} |")
     lines += ["", f"Drift verdict (status.drift patched) → serving Deployment patched to the rollback target, "
                   f"{rollback['count']} resources one after another: p50 {rollback['p50'] * 1000:.0f} ms, "
                   f"p95 {rollback['p95'] * 1000:.0f} ms, max {rollback['max'] * 1000:.0f} ms.", "",
@@ -202,8 +213,8 @@ def render(rows: list[dict], rollback: dict) -> str:
               "gets its pruning Job in a few reconciles' time. The emulator is one Python process and uses more "
               "CPU than the operator (last two columns), on two cores shared with other work: the creation "
               "latencies bound what this setup can show, not what a real API server would allow. Each CR costs "
-              "the operator about a dozen API calls before its Job exists (Kopf's finalizer and annotation "
-              "patches, one GET per reconcile, the status patch, the spec ConfigMap, the Job, an Event); the "
+              "the operator a GET and five writes before its Job exists (Kopf's finalizer patch, the status "
+              "patch, the spec ConfigMap, the Job, an Event); the "
               "operator skips reconciles for events that change nothing the core reads (its own status echo, "
               "Kopf's annotations, a Job merely created).", ""]
     return "\n".join(lines)
@@ -213,7 +224,8 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 200, 1000])
     parser.add_argument("--rollbacks", type=int, default=50, help="resources rolled back (samples; at least 50)")
-    parser.add_argument("--out", help="write the Markdown table here too")
+    parser.add_argument("--json", help="write the rows here too (JSON; bench/operator_real.py --emulator-json reads it)")
+    parser.add_argument("--out", help="rewrite this benchmark's section of this Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (operator logs)")
     args = parser.parse_args()
     rows = []
@@ -230,10 +242,21 @@ async def main() -> None:
             print(f"work folder kept: {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"creation": rows, "rollback": rollback}, indent=1))
     text = render(rows, rollback)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        write_section(Path(args.out), text)
+
+
+def write_section(doc: Path, section: str) -> None:
+    """Replace this benchmark's part of the doc (between its markers); the rest is kept."""
+    text = doc.read_text() if doc.exists() else "# Operator benchmarks\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    doc.write_text(f"{head}{BEGIN}\n{section.strip()}\n{END}{rest.split(END, 1)[1]}")
 
 
 if __name__ == "__main__":

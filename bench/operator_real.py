@@ -2,13 +2,18 @@
 controller-manager, scheduler from the Kubernetes Go modules), the counterpart of bench/operator.py
 (which measures against the loopback emulator).
 
-For each size: a fresh control plane (no Nodes: the Job controller's Pods stay Pending, nothing runs),
-the real `kompressor operator` process (cluster-wide, standalone) logged in with the admin kubeconfig,
+For each size: a fresh control plane (no kubelet, so no Nodes: the Job controller makes each Job's Pod
+and it stays Pending, nothing runs), the committed CRD applied with kubectl, the real `kompressor
+operator` process (cluster-wide, standalone, its metrics server on) logged in with the admin kubeconfig,
 N CompressedModels created 32 at a time. Latency = the moment the create call returned -> the moment a
 watch on Jobs delivered the model's pruning Job (both taken here, so watch delivery is included). The
-operator's RSS is read once every Job exists and the API has been quiet for a while.
+operator's RSS is read once every Job exists and the cluster has settled for 10 s.
 
-    python bench/operator_real.py [--sizes 200 1000] [--out FILE.md]
+    python bench/operator_real.py [--sizes 200 1000] [--json FILE] [--emulator-json FILE] [--out DOC.md]
+
+``--out`` rewrites this benchmark's section of DOC.md (between its markers; bench/operator.py writes
+its own); ``--emulator-json`` (the rows bench/operator.py wrote with ``--json`` in the same session)
+adds the side-by-side table.
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from support.cluster import digits_model  # noqa: E402
 from support.net import free_port  # noqa: E402
 
 CONCURRENCY = 32
+WARM_UP = "warm-up"
+CRD = REPO / "crds" / "compressedmodels.kompressor.io.yaml"
+MODELS = "/apis/kompressor.io/v1alpha1"
+BEGIN, END = "<!-- bench/operator_real.py:begin -->", "<!-- bench/operator_real.py:end -->"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -46,9 +55,10 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q))
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory (VmRSS), or its peak (VmHWM), in MB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -60,44 +70,63 @@ async def measure(n: int, workdir: Path) -> dict:
     try:
         api = k.Api(cluster.kubeconfig, workdir / "credentials")
         namespace = f"bench-{n}"
+        await asyncio.to_thread(cluster.kubectl, "apply", "-f", str(CRD))
+        await asyncio.to_thread(cluster.kubectl, "wait", "--for=condition=Established", "--timeout=120s",
+                                "crd/compressedmodels.kompressor.io")
         await api.request("POST", "/api/v1/namespaces", body={"metadata": {"name": namespace}})
+        await _until_served(api, f"{MODELS}/namespaces/{namespace}/compressedmodels")
         liveness = free_port()
         env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "KOMPRESSOR_PVC_ROOT": str(workdir / "pvc")}
         log = open(workdir / "operator.log", "wb")
         operator = subprocess.Popen(
             [sys.executable, "-m", "kompressor.cli", "--json-logs", "operator", "-A", "--standalone",
-             "--artifact-store", "pvc://kompressor-artifacts/store", "--liveness",
-             f"http://127.0.0.1:{liveness}/healthz"], env=env, stdout=log, stderr=subprocess.STDOUT)
+             "--artifact-store", "pvc://kompressor-artifacts/store", "--metrics-port", str(free_port()),
+             "--liveness", f"http://127.0.0.1:{liveness}/healthz"], env=env, stdout=log, stderr=subprocess.STDOUT)
         await _until_alive(operator, liveness)
 
         jobs_seen: dict[str, float] = {}
         created: dict[str, float] = {}
         wanted = {names.job_name(f"m{i}", "prune", 1, 1): f"m{i}" for i in range(n)}
+        wanted[names.job_name(WARM_UP, "prune", 1, 1)] = WARM_UP
         watching = asyncio.Event()
         watcher = asyncio.create_task(_watch_jobs(api, namespace, wanted, jobs_seen, watching))
         await watching.wait()
+        # One model first, so that the operator's watches and indexes are up: what is measured is a running
+        # operator's reaction, not its start.
+        await api.request("POST", f"{MODELS}/namespaces/{namespace}/compressedmodels",
+                          body=digits_model(WARM_UP, namespace))
+        while WARM_UP not in jobs_seen:
+            if watcher.done():
+                watcher.result()
+            await asyncio.sleep(0.05)
+        jobs_seen.clear()
 
         sem = asyncio.Semaphore(CONCURRENCY)
 
         async def create(i: int) -> None:
             body = digits_model(f"m{i}", namespace)
             async with sem:
-                await api.request("POST", f"/apis/kompressor.io/v1alpha1/namespaces/{namespace}/compressedmodels",
-                                  body=body)
+                await api.request("POST", f"{MODELS}/namespaces/{namespace}/compressedmodels", body=body)
                 created[f"m{i}"] = time.monotonic()
 
+        load_before = os.getloadavg()[0]
         started = time.monotonic()
-        cpu_before = _cpu(operator.pid)
+        cpu_before, control_plane_before = _cpu(operator.pid), _cpu(cluster.controlplane.pid)
         await asyncio.gather(*(create(i) for i in range(n)))
+        created_all = time.monotonic() - started
         deadline = time.monotonic() + 900
-        while len(jobs_seen) < n and time.monotonic() < deadline:
+        while len(jobs_seen) < n and time.monotonic() < deadline and not watcher.done():
             await asyncio.sleep(0.1)
         all_jobs = time.monotonic() - started
         assert len(jobs_seen) == n, f"only {len(jobs_seen)} of {n} pruning Jobs after 900 s"
         latencies = [jobs_seen[m] - created[m] for m in created]
+        operator_cpu = _cpu(operator.pid) - cpu_before
+        control_plane_cpu = _cpu(cluster.controlplane.pid) - control_plane_before
         await asyncio.sleep(10)  # settle (status echoes, events) before reading memory
         row = {"n": n, "p50": percentile(latencies, 50), "p95": percentile(latencies, 95), "max": max(latencies),
-               "all_jobs_s": all_jobs, "rss_mb": rss_mb(operator.pid), "operator_cpu_s": _cpu(operator.pid) - cpu_before}
+               "created_s": created_all, "all_jobs_s": all_jobs, "rss_mb": rss_mb(operator.pid),
+               "peak_rss_mb": rss_mb(operator.pid, "VmHWM"), "operator_cpu_s": operator_cpu,
+               "control_plane_cpu_s": control_plane_cpu, "load_before": load_before, "load_after": os.getloadavg()[0]}
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await api.close()
@@ -110,6 +139,19 @@ async def measure(n: int, workdir: Path) -> dict:
             except subprocess.TimeoutExpired:
                 operator.kill()
         await asyncio.to_thread(cluster.stop)
+
+
+async def _until_served(api, path: str, timeout: float = 60) -> None:
+    """Established is not yet served: list until the resource answers (404, then 429 while its storage starts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await api.get(path)
+            return
+        except k.ApiError as err:
+            if err.status not in (404, 429) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 async def _until_alive(operator: subprocess.Popen, port: int) -> None:
@@ -151,16 +193,24 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def render(rows: list[dict]) -> str:
+def render(rows: list[dict], emulator: list[dict] | None = None) -> str:
+    loads = [r[key] for r in rows for key in ("load_before", "load_after")]
     lines = ["## Operator on the real control plane (bench/operator_real.py)", "",
              "Real `kompressor operator` process against kube-apiserver + etcd + controller-manager + scheduler "
-             "(e2e/cluster, Kubernetes 1.37 Go modules, one process on 127.0.0.1), on this 2-core shared machine. "
-             "Latency: create call returned → the pruning Job delivered by a watch (both measured by the client).",
-             "", "| CRs created at once | CR → pruning Job p50 | p95 | max | all Jobs created after | operator RSS "
-             "| operator CPU |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "(e2e/cluster: Kubernetes 1.37 Go modules, one process on 127.0.0.1, no kubelet: each Job's Pod is "
+             "made by the real Job controller and stays Pending), on this 2-core machine shared with other work "
+             f"(1-minute load average {min(loads):.1f} to {max(loads):.1f} during the runs). Latency: create call "
+             "returned → the pruning Job delivered by a watch (both measured by the benchmark's client, so watch "
+             "delivery is included). `python bench/operator_real.py --sizes "
+             + " ".join(str(r["n"]) for r in rows) + "`.",
+             "", "| CRs created at once | CR → pruning Job p50 | p95 | max | all CRs created after | all Jobs seen after "
+             "| operator RSS (peak) | operator CPU | control plane CPU | load avg before → after |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['n']} | {r['p50'] * 1000:.0f} ms | {r['p95'] * 1000:.0f} ms | {r['max'] * 1000:.0f} ms | "
-                     f"{r['all_jobs_s']:.1f} s | {r['rss_mb']:.0f} MB | {r['operator_cpu_s']:.1f} s |")
+                     f"{r['created_s']:.1f} s | {r['all_jobs_s']:.1f} s | {r['rss_mb']:.0f} MB ({r['peak_rss_mb']:.0f} MB) | "
+                     f"{r['operator_cpu_s']:.1f} s | {r['control_plane_cpu_s']:.1f} s | "
+                     f"{r['load_before']:.1f} → {r['load_after']:.1f} |")
     by_n = {r["n"]: r for r in rows}
     verdicts = []
     if 200 in by_n:
@@ -169,16 +219,37 @@ def render(rows: list[dict]) -> str:
         verdicts.append(f"RSS at 1000 CRs {by_n[1000]['rss_mb']:.0f} MB: "
                         f"{'met' if by_n[1000]['rss_mb'] <= 150 else 'NOT met'}")
     lines += ["", "Targets: p95 ≤ 1 s at 200 CRs; RSS ≤ 150 MB at 1000 CRs. Measured here: " + "; ".join(verdicts) + "."]
+    if emulator:
+        emu = {r["n"]: r for r in emulator}
+        lines += ["", "Side by side with bench/operator.py's emulator run of the same session (the emulator's "
+                  "latencies are its own timestamps of the two writes, so they leave out watch delivery):", "",
+                  "| CRs | p95, real control plane | p95, emulator | operator CPU, real | operator CPU, emulator "
+                  "| operator RSS, real | operator RSS, emulator |", "|---:|---:|---:|---:|---:|---:|---:|"]
+        for n in sorted(set(by_n) & set(emu)):
+            r, e = by_n[n], emu[n]
+            lines.append(f"| {n} | {r['p95'] * 1000:.0f} ms | {e['p95'] * 1000:.0f} ms | {r['operator_cpu_s']:.1f} s | "
+                         f"{e['operator_cpu_s']:.1f} s | {r['rss_mb']:.0f} MB | {e['rss_mb']:.0f} MB |")
     return "\n".join(lines) + "\n"
+
+
+def write_section(doc: Path, section: str) -> None:
+    """Replace this benchmark's part of the doc (between its markers); the rest is kept."""
+    text = doc.read_text() if doc.exists() else "# Operator benchmarks\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    doc.write_text(f"{head}{BEGIN}\n{section.strip()}\n{END}{rest.split(END, 1)[1]}")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000])
-    parser.add_argument("--out", help="write the Markdown table here too")
+    parser.add_argument("--json", help="write the rows here too (JSON)")
+    parser.add_argument("--emulator-json", help="bench/operator.py's rows of the same session (--json there)")
+    parser.add_argument("--out", help="rewrite this benchmark's section of this Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     args = parser.parse_args()
-    reason = local.unavailable_reason()
+    reason = local.unavailable_reason(helm=False)
     if reason:
         sys.exit(reason)
     tmp = Path(tempfile.mkdtemp(prefix="bench-operator-real-"))
@@ -194,10 +265,13 @@ async def main() -> None:
             print(f"work folder kept: {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    text = render(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    emulator = json.loads(Path(args.emulator_json).read_text())["creation"] if args.emulator_json else None
+    text = render(rows, emulator)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        write_section(Path(args.out), text)
 
 
 if __name__ == "__main__":

@@ -379,7 +379,11 @@ def main() -> int:
         DOC.parent.mkdir(parents=True, exist_ok=True)
         intro = ("# Serving benchmark\n\n`kompressor serve` (ONNX Runtime behind Open Inference Protocol v2 "
                  "over aiohttp) against bare ONNX Runtime on the same artifact.\n\n")
-        DOC.write_text(intro + table + "\n" + NOTES)
+        # bench/serving_load.py owns its own section (between its markers): keep it
+        old = DOC.read_text() if DOC.exists() else ""
+        marker = "<!-- serving_load: begin"
+        kept = "\n" + old[old.index(marker):] if marker in old else ""
+        DOC.write_text(intro + table + "\n" + NOTES + kept)
     return 0
 
 

@@ -53,6 +53,9 @@ func startAPIServer(ctx context.Context, p *pki, ports portsFile) (<-chan error,
 		// reach the apiserver through KUBERNETES_SERVICE_HOST/PORT set by the kubelet instead.
 		"--endpoint-reconciler-type=none",
 		"--profiling=false",
+		// On SIGTERM, end the open watches (their clients re-list and watch again, as after a real
+		// apiserver restart) instead of waiting out the HTTP server's 60 s shutdown timeout for them.
+		"--shutdown-watch-termination-grace-period=2s",
 	}
 	if err := fs.Parse(args); err != nil {
 		return nil, err

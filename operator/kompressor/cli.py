@@ -67,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="largest accepted request body")
     p.add_argument("--capture-max-bytes", type=int, default=64 * 1024 * 1024,
                    help="size cap of the capture folder; oldest files are dropped first")
+    p.add_argument("--max-batch-size", type=int, default=0,
+                   help="dynamic batching: merge concurrent requests into ONNX Runtime runs of up to this many rows "
+                   "(0 or 1: off)")
+    p.add_argument("--max-batch-delay-ms", type=float, default=d.SERVING_BATCH_MAX_DELAY_MS,
+                   help="dynamic batching: the longest a request waits for others to join its run")
+    p.add_argument("--body-timeout-seconds", type=float, default=d.SERVING_BODY_TIMEOUT_SECONDS,
+                   help="a REST request body must arrive within this time of its head (else 408)")
+    p.add_argument("--header-timeout-seconds", type=float, default=d.SERVING_HEADER_TIMEOUT_SECONDS,
+                   help="close a connection that sends no complete request head for this long (slow headers, idle "
+                   "keep-alive)")
 
     p = sub.add_parser("watch-drift", help="test captured traffic for drift with Alibi Detect")
     p.add_argument("--spec", required=True, help="CompressedModel manifest (YAML)")

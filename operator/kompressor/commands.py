@@ -7,6 +7,8 @@ finds in the containers: all three therefore run exactly the same commands.
 
 from __future__ import annotations
 
+from kompressor.api import defaults as d
+
 ENTRYPOINT = ["kompressor", "--json-logs"]
 
 
@@ -21,10 +23,15 @@ def evaluate_argv(spec: str, candidate: str, out: str) -> list[str]:
 
 
 def serve_argv(artifact: str, name: str, port: int, capture: str | None, host: str = "0.0.0.0",
-               grpc_port: int | None = None) -> list[str]:
-    argv = [*ENTRYPOINT, "serve", "--artifact", artifact, "--name", name, "--port", str(port), "--host", host]
+               grpc_port: int | None = None, workers: int | None = None, batching=None) -> list[str]:
+    """``workers`` None: ``--workers 0``, one per CPU of the container's limit. ``batching``: a
+    spec.serving.batching (max_batch_size, max_delay_ms), or None for none."""
+    argv = [*ENTRYPOINT, "serve", "--artifact", artifact, "--name", name, "--port", str(port), "--host", host,
+            "--workers", str(workers or d.SERVING_AUTO_WORKERS)]
     if grpc_port:
         argv += ["--grpc-port", str(grpc_port)]
+    if batching is not None:
+        argv += ["--max-batch-size", str(batching.max_batch_size), "--max-batch-delay-ms", str(batching.max_delay_ms)]
     return argv + (["--capture", capture] if capture else [])
 
 

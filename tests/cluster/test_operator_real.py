@@ -285,13 +285,17 @@ def test_sigkill_at_every_phase_boundary_loses_nothing(kube):
 
 
 def test_watches_recover_after_the_control_plane_restarts(kube, cluster):
+    """The whole control plane restarts (same etcd data and ports) under a running operator. Its watches
+    come back: the model started before goes on to Serving (its later Jobs and its Deployment are seen
+    through the new watches), and a model created after the restart gets its first Job."""
     kube.create(digits_model("before-restart"))
     wait(lambda: kube.jobs("before-restart"), 120, "the first Job", kube.diagnostics)
     cluster.restart_control_plane()
     kube.create(digits_model("after-restart"))
-    for name in ("before-restart", "after-restart"):
-        wait(lambda: kube.status(name).get("phase") == "Serving", 600, f"{name} to be Serving",
-             lambda: kube.diagnostics(name))
+    wait(lambda: kube.jobs("after-restart"), 180, "the Job of the model created after the restart",
+         lambda: kube.diagnostics("after-restart"))
+    wait(lambda: kube.status("before-restart").get("phase") == "Serving", 600, "before-restart to be Serving",
+         lambda: kube.diagnostics("before-restart"))
     for name in ("before-restart", "after-restart"):
         kube.delete(name)
     wait(lambda: kube.gone("before-restart") and kube.gone("after-restart"), 120, "both models to be gone",

@@ -150,9 +150,10 @@ class TinyTransformer(nn.Module):
     """Hand-written attention (q/k/v Linears viewed into heads, scaled_dot_product_attention), LayerNorm,
     a GELU FFN, token and learned position embeddings, masked mean pooling and a classifier."""
 
-    def __init__(self, vocab=50, d=32, heads=4, ffn=64, layers=2, classes=3, seq=10):
+    def __init__(self, vocab=50, d=32, heads=4, ffn=64, layers=2, classes=3, seq=10, split_as=None):
         super().__init__()
         self.heads, self.dh = heads, d // heads
+        self.split_as = split_as  # the view's [heads, head_dim], either of them may be -1 (default: both given)
         self.emb = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.randn(1, seq, d) * 0.02)
         self.blocks = nn.ModuleList()
@@ -167,7 +168,7 @@ class TinyTransformer(nn.Module):
         b, n, _ = x.shape
         for blk in self.blocks:
             def split(t):
-                return t.view(b, n, self.heads, self.dh).transpose(1, 2)
+                return t.view(b, n, *(self.split_as or (self.heads, self.dh))).transpose(1, 2)
 
             a = F.scaled_dot_product_attention(split(blk["q"](x)), split(blk["k"](x)), split(blk["v"](x)),
                                                attn_mask=mask[:, None, None, :].bool())
@@ -205,6 +206,26 @@ def test_structured_pruning_of_an_exported_transformer_removes_whole_heads_and_f
     out = result.module(ids, mask)
     assert out.shape == (8, 3)
     assert result.params_after < result.params_before
+
+
+@pytest.mark.parametrize("split_as", [(-1, 8), (4, -1)], ids=["heads -1", "head_dim -1"])
+def test_a_head_split_with_minus_one_loses_whole_heads(split_as):
+    torch.manual_seed(0)
+    ids, mask = _tokens()
+    gm = exported(TinyTransformer(split_as=split_as), ids[:2], mask[:2])
+    reference = gm(ids, mask)
+    result = prune_model(copy.deepcopy(gm), "structured", 0.5, example=(ids[:2], mask[:2]))
+    att = result.attention
+    assert att["before"]["heads"] == [4, 4] and att["after"]["heads"] == [2, 2]
+    assert att["after"]["headDim"] == 8  # the -1 took the heads' count, never a narrower head
+    out = result.module(ids, mask)
+    assert out.shape == reference.shape and torch.isfinite(out).all()
+    # What is left of each block is still attention over 8-wide heads: a view into [b, n, 2, 8] everywhere.
+    views = [n for n in result.module.graph.nodes if n.op in ("call_function", "call_method")
+             and str(n.target).split(".")[-1].split("_")[0] in ("view", "reshape")]
+    split_shapes = [list(v.args[1])[-2:] for v in views if len(v.args) > 1 and isinstance(v.args[1], (list, tuple))
+                    and len(v.args[1]) == 4]
+    assert split_shapes and all(shape in ([2, 8], [-1, 8]) for shape in split_shapes)
 
 
 class _ConvTransposeNet(nn.Module):

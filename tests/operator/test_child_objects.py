@@ -399,3 +399,23 @@ def test_spec_serving_grpc_port_opens_the_grpc_port_on_the_pod_and_service():
         assert {"name": "grpc", "containerPort": 9000} in serving["ports"]
         assert {"name": "grpc", "port": 9000, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"} in \
             svc["spec"]["ports"]
+
+
+def test_spec_serving_workers_and_batching_reach_the_serve_command():
+    """spec.serving.workers (unset: `--workers 0`, one per CPU of the container's limit) and spec.serving.batching
+    (unset: no dynamic batching) become `kompressor serve` flags that the real command line accepts."""
+    from kompressor.api.spec import BatchingSpec
+    from kompressor.cli import build_parser
+
+    base = copy.deepcopy(next(iter(MODELS)))
+    for workers, batching in ((None, None), (3, BatchingSpec(max_batch_size=16, max_delay_ms=5))):
+        cm = copy.deepcopy(base)
+        cm.spec.serving.workers, cm.spec.serving.batching = workers, batching
+        argv = container(children_of(cm), "serving")["command"]
+        args = build_parser().parse_args(argv[1:])
+        assert args.workers == (workers or 0)
+        assert args.max_batch_size == (batching.max_batch_size if batching else 0)
+        if batching:
+            assert args.max_batch_delay_ms == 5
+        else:
+            assert "--max-batch-size" not in argv

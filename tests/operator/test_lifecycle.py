@@ -98,17 +98,13 @@ async def test_failing_gate_rejects_and_names_the_gate(models):
     assert not models.children("apps/v1/deployments", "strict")
 
 
-async def test_bad_input_fails_the_job_after_one_pod(models):
+async def test_bad_input_is_reported_as_not_retried(models):
+    # That the Job fails after one Pod (its podFailurePolicy) is the real Job controller's doing: tests/cluster.
     status = await models.wait_phase("broken", "Failed", "Serving", "Rejected")
     assert status["phase"] == "Failed", status
     job = names.job_name("broken", "prune", 1, 1)
     assert job in status["message"] and "bad input" in status["message"] and "not retried" in status["message"]
     assert d.ANNOTATION_RETRY in status["message"]
-    # backoffLimit 1, but the model file is missing (exit 2): the podFailurePolicy fails the Job after one pod.
-    assert models.controllers.job_runs[("default", job)] == 1
-    failed = models.api.get("batch/v1/jobs", "default", job)["status"]
-    assert failed["failed"] == 1 and failed["conditions"][0]["type"] == "Failed"
-    assert failed["conditions"][0]["reason"] == "PodFailurePolicy"
     [event] = await models.wait(lambda: [e for e in models.events("broken") if e["reason"] == "JobFailed"],
                                 what="the JobFailed event")
     assert "bad input, not retried" in event["message"] and event["type"] == "Warning"
@@ -138,12 +134,12 @@ async def test_spec_edit_mid_compression_restarts_it(models):
     assert status["observedGeneration"] == 2
 
 
-async def test_deleting_the_model_removes_children_and_artifacts(models, cluster):
+async def test_deleting_the_model_removes_its_artifacts(models, cluster):
+    # The children go by their ownerReferences, through the real garbage collector (tests/cluster, the e2e
+    # cluster target); the emulator has none. The artifact folder is the operator's own to remove.
     await models.wait_phase("happy", "Serving")
     folder = cluster.pvc_root / "kompressor-artifacts" / "store" / "default" / "happy"  # pvc://CLAIM/store
     assert folder.is_dir()
     await cluster.delete("happy")
     await cluster.wait(lambda: cluster.get("happy") is None, 30, "the CR to be gone (finalizer released)")
-    for resource in ("batch/v1/jobs", "apps/v1/deployments", "v1/services", "v1/configmaps"):
-        assert cluster.children(resource, "happy") == [], resource
     assert not folder.exists()

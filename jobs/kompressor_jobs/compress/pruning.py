@@ -409,23 +409,41 @@ def find_attention(module: nn.Module, example: tuple) -> list[Attention]:
 def _fx_attention(gm: fx.GraphModule) -> list[Attention]:
     """Linears of a graph split into heads by a view: groups of them feeding one attention form one block."""
     split: dict[nn.Linear, tuple[int, int, fx.Node]] = {}
+    rewritten = False
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         layer = gm.get_submodule(node.target)
         if not isinstance(layer, nn.Linear):
             continue
-        for user in node.users:
-            if _is_view(user):
-                shape = user.args[1]
-                if (len(shape) >= 2 and all(isinstance(s, int) for s in shape[-2:]) and shape[-2] > 1
-                        and shape[-2] * shape[-1] == layer.out_features):
-                    split[layer] = (shape[-2], shape[-1], node)
+        for user in list(node.users):
+            if _is_view(user) and (found := _head_split(list(user.args[1]), layer.out_features)):
+                heads, dim = found
+                split[layer] = (heads, dim, node)
+                if user.args[1][-1] == -1:  # [..., heads, -1]: head_dim made explicit, so that removing heads
+                    shape = [*user.args[1][:-1], dim]  # rewrites the heads' count (repair_views), not head_dim
+                    user.args = (user.args[0], shape, *user.args[2:])
+                    rewritten = True
+    if rewritten:
+        gm.recompile()
     # Projections reading the same input (q, k, v of one block) form one Attention.
     blocks: dict[tuple, list[nn.Linear]] = {}
     for layer, (heads, dim, node) in split.items():
         blocks.setdefault((node.args[0], heads, dim), []).append(layer)
     return [Attention(layers, heads, dim) for (_, heads, dim), layers in blocks.items()]
+
+
+def _head_split(shape: list, width: int) -> tuple[int, int] | None:
+    """(heads, head_dim) when a view of a ``width``-wide projection ends in [heads, head_dim]; either one may be
+    -1 (inferred from the width)."""
+    if len(shape) < 2 or not all(isinstance(s, int) for s in shape[-2:]):
+        return None
+    heads, dim = shape[-2:]
+    if heads == -1 and dim > 0 and width % dim == 0:
+        heads = width // dim
+    elif dim == -1 and heads > 0 and width % heads == 0:
+        dim = width // heads
+    return (heads, dim) if heads > 1 and dim > 0 and heads * dim == width else None
 
 
 def head_rows(attention: list[Attention]) -> list[torch.Tensor]:

@@ -13,7 +13,10 @@ Ranking, without re-quantizing (a handful of ONNX Runtime passes over the rankin
 A node's score is the error of that output against the float model's (mean KL divergence of the softmax for
 classification, the relative squared error otherwise): the same quantity as quantizing each node alone,
 for one quantization instead of one per node. The relative error of the node's own output (its
-noise-to-signal ratio) is recorded beside it.
+noise-to-signal ratio) is recorded beside it. In a QDQ graph (static INT8) a node's INT8 output is the
+node itself reading the float activations through their QuantizeLinear/DequantizeLinear; a node the
+quantizer folded away (a Relu after a Conv or Gemm) is read after its DequantizeLinear. The ranking rows run
+in batches of at most RANKING_BATCH rows, fewer when their activations would take over RANKING_BYTES.
 
 Search: 1, 2, 4, ... of the top-ranked nodes in float until one passes the floor, then bisection down to
 the fewest that pass; about 2 log2(k) re-quantizations for k nodes kept.
@@ -31,8 +34,9 @@ import numpy as np
 
 from kompressor.console import log
 
-RANKING_ROWS = 128  # validation rows the ranking runs on
-RANKING_BATCH = 32  # rows per ranking pass (every activation of a batch is held at once)
+RANKING_ROWS = 128  # validation rows the ranking runs on (one model run per node per batch of them)
+RANKING_BATCH = 32  # rows per ranking pass at most (every activation of a batch is held at once) ...
+RANKING_BYTES = 512 * 2**20  # ... and fewer when a batch's activations would take more than this
 FLOAT_IN = "::float"
 PRE = "::pre"
 DELTA = "::delta"
@@ -102,23 +106,29 @@ def rank_nodes(float_path: Path, int8_path: Path, nodes: list[str], feeds: dict[
     watched = sorted({u for ps in pairs.values() for _, u in ps})
     first_output = fmodel.graph.output[0].name
 
-    batch = _fixed_batch(fmodel) or batch
+    fixed = _fixed_batch(fmodel)
     floats = sorted({t for ps in pairs.values() for t, _ in ps})
     tapped = _with_outputs(fmodel, sorted(set(taps) | set(floats)))
     tap_session = _session(tapped)
     n = min(rows, _rows(feeds))
+    if fixed and n >= fixed:
+        n -= n % fixed  # whole batches only
     error_alone = {name: 0.0 for name in pairs}
     local_num = {name: 0.0 for name in pairs}
     local_den = {name: 0.0 for name in pairs}
     disconnected = injected = None
     delta_names: list[str] = []
     passes = 0
-    for start in range(0, n, batch):
-        feed = {k: v[start:min(start + batch, n)] for k, v in feeds.items()}
+    start, size = 0, fixed or min(2, batch)  # the first batch measures the activations' size per row
+    while start < n:
+        feed = {k: v[start:min(start + size, n)] for k, v in feeds.items()}
         rows_here = len(next(iter(feed.values())))
+        start += rows_here
         values = dict(zip([o.name for o in tap_session.get_outputs()], tap_session.run(None, feed)))
         passes += 1
         if disconnected is None:  # built on the first batch: its inputs' dtypes come from the values
+            per_row = sum(v.nbytes for v in values.values()) / max(rows_here, 1)
+            size = fixed or max(1, min(batch, int(RANKING_BYTES // max(per_row, 1))))
             disconnected = _session(_disconnect(qmodel, taps, watched, values))
             for name in list(pairs):
                 if not all(values[t].dtype.kind == "f" for t, _ in pairs[name]):

@@ -4,7 +4,7 @@
 The artifact's sha256 digests are verified before anything is served. The model version in
 the URLs is the artifact's revision (``manifest.json`` ``revision``).
 
-Endpoints (JSON; every error is ``{"error": "..."}`` with HTTP 400, 404 or 413):
+Endpoints (JSON; every error is ``{"error": "..."}`` with HTTP 400, 404, 408 or 413):
 
 - ``GET /v2`` server metadata; ``GET /v2/health/live``, ``GET /v2/health/ready``.
 - ``GET /v2/models/{name}[/versions/{v}]`` model metadata (inputs and outputs as ONNX Runtime sees them);
@@ -36,6 +36,15 @@ With ``--workers N`` (0: one per CPU of the container's limit) N server processe
 (SO_REUSEPORT) under a supervisor that owns the capture; a hot swap reaches every worker or none, and
 /metrics sums them all (see ``kompressor_jobs.serve.workers``).
 
+With ``--max-batch-size N`` (N > 1) concurrent requests are merged into ONNX Runtime runs of up to N rows, each
+waiting at most ``--max-batch-delay-ms`` for others (see ``kompressor_jobs.serve.batching``); answers, capture
+and request metrics stay per request.
+
+Slow or oversized REST requests: a body must arrive within ``--body-timeout-seconds`` of its head (else 408 and
+the connection is closed); a connection with no complete request head for ``--header-timeout-seconds`` (slow
+headers, or idle keep-alive) is closed; a body over ``--max-body-bytes`` gets 413, and one far over it (or a
+Content-Length that says so) is refused without being read.
+
 With ``--capture DIR`` the inputs of every successful request are appended to rolling files there (see
 ``kompressor_jobs.capture``) for ``kompressor watch-drift``; capture never blocks a request.
 """
@@ -59,6 +68,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--grpc-port must be a port other than --port ({args.port}), got {grpc_port}")
     if workers < 0:
         raise UserError(f"--workers must be 0 (one per CPU of the limit) or more, got {workers}")
+    if getattr(args, "max_batch_size", 0) < 0 or getattr(args, "max_batch_delay_ms", 0) < 0:
+        raise UserError("--max-batch-size and --max-batch-delay-ms must be 0 or more")
+    if getattr(args, "body_timeout_seconds", 1) <= 0 or getattr(args, "header_timeout_seconds", 1) <= 0:
+        raise UserError("--body-timeout-seconds and --header-timeout-seconds must be positive")
     if workers == 0:
         from kompressor_jobs.serve.workers import auto_workers
 
@@ -82,13 +95,28 @@ def _single(args: argparse.Namespace, grpc_port: int) -> int:
     model.warm_up()
     try:
         server = InferenceServer(args.name, model, capture=args.capture, capture_max_bytes=args.capture_max_bytes,
-                                 max_body_bytes=args.max_body_bytes)
+                                 **_server_options(args))
     except OSError as err:
         raise UserError(f"--capture {args.capture}: cannot write there: {err}") from None
     log("serving", model=args.name, revision=model.revision, sha256=model.sha256, host=args.host, port=args.port,
-        grpc_port=grpc_port or None, capture=args.capture)
-    asyncio.run(_serve(server, args.host, args.port, grpc_port))
+        grpc_port=grpc_port or None, capture=args.capture, max_batch_size=getattr(args, "max_batch_size", 0) or None)
+    asyncio.run(_serve(server, args.host, args.port, grpc_port, header_timeout=_header_timeout(args)))
     return 0
+
+
+def _server_options(args: argparse.Namespace) -> dict:
+    """InferenceServer's settings from the command line (one server, or each worker)."""
+    from kompressor.api import defaults as d
+
+    return {"max_body_bytes": args.max_body_bytes, "max_batch_size": getattr(args, "max_batch_size", 0),
+            "max_batch_delay_ms": getattr(args, "max_batch_delay_ms", d.SERVING_BATCH_MAX_DELAY_MS),
+            "body_timeout_seconds": getattr(args, "body_timeout_seconds", d.SERVING_BODY_TIMEOUT_SECONDS)}
+
+
+def _header_timeout(args: argparse.Namespace) -> float:
+    from kompressor.api import defaults as d
+
+    return getattr(args, "header_timeout_seconds", d.SERVING_HEADER_TIMEOUT_SECONDS)
 
 
 def _worker(args: argparse.Namespace, grpc_port: int) -> int:
@@ -106,20 +134,22 @@ def _worker(args: argparse.Namespace, grpc_port: int) -> int:
     model.warm_up()
     sink = w.CaptureForwarder(control / w.CAPTURE_SOCKET) if args.capture else None
     peers = w.Peers(control, args.workers, args.worker_index)
-    server = InferenceServer(args.name, model, capture_sink=sink, peers=peers, max_body_bytes=args.max_body_bytes)
+    server = InferenceServer(args.name, model, capture_sink=sink, peers=peers, **_server_options(args))
     if sink is not None:
         sink.on_drop = lambda rows, reason: server.metrics.capture_dropped.labels(args.name, reason).inc(rows)
     log("serving worker", model=args.name, worker=args.worker_index, revision=model.revision, pid=os.getpid(),
         ort_threads=model.threads)
     asyncio.run(_serve(server, args.host, args.port, grpc_port, worker=(peers, w.worker_socket(control,
-                                                                                             args.worker_index))))
+                                                                                             args.worker_index)),
+                       header_timeout=_header_timeout(args)))
     return 0
 
 
-async def _serve(server, host: str, port: int, grpc_port: int, worker=None) -> None:
+async def _serve(server, host: str, port: int, grpc_port: int, worker=None, header_timeout: float = 75.0) -> None:
     """REST (aiohttp) and, when asked, gRPC (grpc.aio) on one event loop, until SIGTERM or SIGINT. ``worker``:
     (peers, control socket) of one of several workers: the ports are shared (SO_REUSEPORT), the control endpoints
-    listen on the socket, and the worker stops with its supervisor."""
+    listen on the socket, and the worker stops with its supervisor. ``header_timeout``: aiohttp's keep-alive
+    timeout, which also closes a connection whose request head has not fully arrived by then (slow headers)."""
     from aiohttp import web
 
     from kompressor.errors import UserError
@@ -139,7 +169,7 @@ async def _serve(server, host: str, port: int, grpc_port: int, worker=None) -> N
 
         app.on_response_prepare.append(name_the_worker)
         watch_parent(stop)
-    runners = [web.AppRunner(app, access_log=None, handle_signals=False)]
+    runners = [web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=header_timeout)]
     rpc = None
     try:
         await runners[0].setup()

@@ -11,9 +11,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kompressor import __version__
+from kompressor.api import defaults as d
 from kompressor.console import log
 from kompressor.errors import UserError
 from kompressor_jobs.capture import CaptureWriter
+from kompressor_jobs.serve.batching import DynamicBatcher
 from kompressor_jobs.serve.metrics import ServerMetrics
 from kompressor_jobs.serve.model import LoadedModel
 from kompressor_jobs.serve.oip import HEADER_LENGTH, BadRequest, InferRequest, decode_request, encode_response
@@ -38,15 +40,45 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+class BodyRefused(Exception):
+    """A REST request body not read: too slow (408) or too big (413). ``close``: the rest of it is not read, so the
+    connection closes after the answer."""
+
+    def __init__(self, status: int, message: str, close: bool = False):
+        super().__init__(message)
+        self.status, self.message, self.close = status, message, close
+
+    async def answer(self, request: web.Request) -> web.Response:
+        response = _error(self.status, self.message)
+        if self.close:  # answer, then close: aiohttp would otherwise read ("linger" over) the body for 10 s
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
+        return response
+
+
 class InferenceServer:
     """Serves one model name; the model behind it can be swapped while requests are in flight."""
 
     def __init__(self, name: str, model: LoadedModel, capture: str | Path | None = None,
-                 capture_max_bytes: int = 64 << 20, max_body_bytes: int = 8 << 20, capture_sink=None, peers=None):
+                 capture_max_bytes: int = 64 << 20, max_body_bytes: int = 8 << 20, capture_sink=None, peers=None,
+                 max_batch_size: int = 0, max_batch_delay_ms: float = 0.0,
+                 body_timeout_seconds: float = d.SERVING_BODY_TIMEOUT_SECONDS):
         self.name = name
         self.model = model
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout_seconds
         self.metrics = ServerMetrics()
+        self.batcher = None  # with --max-batch-size N > 1: concurrent requests merged into one ORT run
+        if max_batch_size > 1:
+            rows, requests = self.metrics.run_rows.labels(name), self.metrics.run_requests.labels(name)
+
+            def observe(n_rows: int, n_requests: int) -> None:
+                rows.observe(n_rows)
+                requests.observe(n_requests)
+
+            self.batcher = DynamicBatcher(self._run_alone, max_batch_size, max_batch_delay_ms / 1000, observe)
         self.metrics.revision.labels(name).set(model.revision)
         self._swap_lock = asyncio.Lock()
         self.in_flight = self.metrics.in_flight.labels(name)
@@ -101,7 +133,13 @@ class InferenceServer:
 
     async def run(self, model: LoadedModel, request: InferRequest) -> list:
         """The model's outputs for a decoded request. BadRequest when ORT rejects the input (what the schema
-        check could not see), InferenceFailed on any other ORT error."""
+        check could not see), InferenceFailed on any other ORT error. With dynamic batching the run may be shared
+        with concurrent requests; the outputs are this request's rows all the same."""
+        if self.batcher is not None:
+            return await self.batcher.run(model, request)
+        return await self._run_alone(model, request)
+
+    async def _run_alone(self, model: LoadedModel, request: InferRequest) -> list:
         elements = sum(a.size for a in request.feeds.values())
         try:
             if elements <= INLINE_ELEMENTS:
@@ -169,13 +207,16 @@ class InferenceServer:
         model = self.model  # this request finishes on this model even if a swap happens meanwhile
         try:
             model = self._find(request)
-            body, binary = _split_body(await request.read(), request.headers.get(HEADER_LENGTH))
+            body, binary = _split_body(await self.read_body(request), request.headers.get(HEADER_LENGTH))
             try:
                 header = json.loads(body)
             except (ValueError, UnicodeDecodeError) as err:
                 raise BadRequest(f"request body is not valid JSON: {err}") from None
             decoded = decode_request(header, model, binary)
             results = await self.run(model, decoded)
+        except BodyRefused as err:
+            self.failed(model, REST, str(err.status))
+            return await err.answer(request)
         except BadRequest as err:
             return self._failed(model, 400, str(err))
         except InferenceFailed as err:
@@ -193,6 +234,36 @@ class InferenceServer:
         return web.Response(body=b"".join([head, *chunks]), content_type="application/octet-stream",
                             headers={HEADER_LENGTH: str(len(head))})
 
+    async def read_body(self, request: web.Request) -> bytes:
+        """The request's body, read within the body timeout and the size limit, or BodyRefused: 408 when it comes
+        too slowly; 413 when it is over the limit: a body up to SERVING_BODY_DISCARD_FACTOR times the limit is
+        read and thrown away (the connection stays usable), a longer one (or a Content-Length that says so) is
+        refused at once and its connection closed, unread."""
+        limit = self.max_body_bytes
+        discard = limit * d.SERVING_BODY_DISCARD_FACTOR
+        too_big = f"request body is over the limit of {limit} bytes (--max-body-bytes)"
+        length = request.content_length
+        if length is not None and length > discard:
+            raise BodyRefused(413, f"request body of {length} bytes is over the limit of {limit} bytes "
+                              f"(--max-body-bytes)", close=True)
+        chunks, size = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while chunk := await request.content.readany():
+                    size += len(chunk)
+                    if size <= limit:
+                        chunks.append(chunk)
+                    elif size > discard:
+                        raise BodyRefused(413, too_big, close=True)
+                    else:
+                        chunks.clear()
+        except TimeoutError:
+            raise BodyRefused(408, f"request body not received within {self.body_timeout:g} s "
+                              f"(--body-timeout-seconds)", close=True) from None
+        if size > limit:
+            raise BodyRefused(413, too_big)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def _failed(self, model: LoadedModel, status: int, message: str) -> web.Response:
         self.failed(model, REST, str(status))
         return _error(status, message)
@@ -202,7 +273,9 @@ class InferenceServer:
         if name != self.name:
             raise web.HTTPNotFound(text=f"model {name!r} not found (this server serves {self.name!r})")
         try:
-            body = json.loads(await request.read())
+            body = json.loads(await self.read_body(request))
+        except BodyRefused as err:
+            return await err.answer(request)
         except (ValueError, UnicodeDecodeError) as err:
             return _error(400, f"request body is not valid JSON: {err}")
         params = body.get("parameters") if isinstance(body, dict) else None

@@ -27,6 +27,13 @@ class ServerMetrics:
                                  ["model", "revision"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch = Histogram("kompressor_inference_batch_size", "Rows per successful request.",
                                ["model", "revision"], buckets=BATCH_BUCKETS, registry=r)
+        # with dynamic batching (--max-batch-size): what each ONNX Runtime run held, after merging
+        self.run_rows = Histogram("kompressor_inference_run_batch_size",
+                                  "Rows per ONNX Runtime run of the dynamic batcher (several requests merged).",
+                                  ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.run_requests = Histogram("kompressor_inference_run_requests",
+                                      "Requests per ONNX Runtime run of the dynamic batcher.", ["model"],
+                                      buckets=BATCH_BUCKETS, registry=r)
         # what spec.serving.autoscaling.targetConcurrency scales on (per-Pod average, through a metrics adapter)
         self.in_flight = Gauge("kompressor_inference_requests_in_flight",
                                "Inference requests being answered now (REST and gRPC).", ["model"], registry=r,

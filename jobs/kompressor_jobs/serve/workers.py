@@ -363,6 +363,9 @@ async def _start_worker(args, control: Path, index: int) -> asyncio.subprocess.P
             "--workers", str(args.workers), "--worker-control", str(control), "--worker-index", str(index)]
     if getattr(args, "grpc_port", 0):
         argv += ["--grpc-port", str(args.grpc_port)]
+    for flag in ("max_batch_size", "max_batch_delay_ms", "body_timeout_seconds", "header_timeout_seconds"):
+        if getattr(args, flag, None) is not None:
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     if args.capture:
         argv += ["--capture", str(args.capture)]
     worker_socket(control, index).unlink(missing_ok=True)

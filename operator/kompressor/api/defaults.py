@@ -84,6 +84,22 @@ SERVING_REPLICAS = 1
 SERVING_PORT = 8080
 SERVING_GRPC_PORT = None  # spec.serving.grpcPort: gRPC off unless set (KServe and Triton use 9000 / 8001)
 SERVING_RESOURCES = {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+# spec.serving.workers unset: `kompressor serve --workers 0`, one server process per CPU of the container's limit
+# (one without a CPU limit, the default resources: ONNX Runtime then uses every core in one process).
+SERVING_WORKERS = None
+SERVING_AUTO_WORKERS = 0  # what --workers 0 means
+# spec.serving.batching (dynamic batching; off unless the section is set): the most rows one merged ONNX Runtime
+# run holds, and the longest a request waits for others to join it.
+SERVING_BATCH_MAX_SIZE = 32
+SERVING_BATCH_MAX_DELAY_MS = 2
+# The REST server's read timeouts: a request body must arrive within this time once its head has (else 408);
+# a connection that sends no complete request head for this long (slow headers, or idle keep-alive) is closed.
+SERVING_BODY_TIMEOUT_SECONDS = 30.0
+SERVING_HEADER_TIMEOUT_SECONDS = 75.0
+# A body over --max-body-bytes is read and discarded up to this many times the limit, so that the client gets its
+# 413 on a kept connection; past that (or a Content-Length past it) the 413 goes out at once and the connection
+# is closed without reading the rest.
+SERVING_BODY_DISCARD_FACTOR = 2
 # spec.serving.autoscaling: the operator owns an autoscaling/v2 HorizontalPodAutoscaler for the serving
 # Deployment. targetConcurrency is a Pods metric: the per-Pod average of this gauge of the server's
 # /metrics (requests being answered), served to the HPA by a custom-metrics adapter (prometheus-adapter).

@@ -296,6 +296,20 @@ class AutoscalingSpec:
 
 
 @dataclass
+class BatchingSpec:
+    """Server-side dynamic batching, as Triton's dynamic batcher does it: concurrent requests for the model (REST
+    and gRPC) are merged along the batch dimension into one ONNX Runtime run, and each gets its own rows back.
+    Requests with other non-batch shapes or datatypes are not merged; a request the model rejects fails alone;
+    capture and metrics stay per request."""
+
+    max_batch_size: int = api_field("Most rows in one merged run (a request this big or bigger runs alone).",
+                                    default=d.SERVING_BATCH_MAX_SIZE, minimum=2, maximum=4096)
+    max_delay_ms: int = api_field("Longest a request waits for others to join its run, in milliseconds (0: only "
+                                  "requests that arrive together are merged).", default=d.SERVING_BATCH_MAX_DELAY_MS,
+                                  minimum=0, maximum=1000)
+
+
+@dataclass
 class ServingSpec:
     """The serving Deployment (ONNX Runtime, Open Inference Protocol v2)."""
 
@@ -307,6 +321,14 @@ class ServingSpec:
                                       "inference.GRPCInferenceService, beside REST on port; same model, capture and "
                                       "metrics). Unset: REST only.", default=d.SERVING_GRPC_PORT, minimum=1,
                                       maximum=65535)
+    workers: int | None = api_field(
+        "Server processes per serving Pod (`kompressor serve --workers`), sharing the ports (SO_REUSEPORT), with "
+        "ONNX Runtime's threads divided among them. Unset: one per CPU of the container's CPU limit "
+        "(resources.limits.cpu, rounded down); one when there is no CPU limit (the default resources), ONNX Runtime "
+        "then using every core of the node in that one process.", default=d.SERVING_WORKERS, minimum=1, maximum=64)
+    batching: BatchingSpec | None = api_field(
+        "Dynamic batching of concurrent requests (`kompressor serve --max-batch-size --max-batch-delay-ms`). Unset: "
+        "every request runs on its own.")
     autoscaling: AutoscalingSpec | None = api_field(
         "Scale the serving Deployment with the load (a HorizontalPodAutoscaler; replicas is then not applied). "
         "Unset: a fixed replicas count. With more than one replica, or autoscaling, the operator also keeps a "

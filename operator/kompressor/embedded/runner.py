@@ -90,7 +90,8 @@ class ModelRunner:
         self.cm = self._assign_generation(cm)
         _note_cluster_only(self.cm)
         self.jobs = LocalJobs(self.files.jobs, self.files.logs, self.poke, self._job_output)
-        self.serving = LocalServing(cm.name, port, self.files, self.poke, grpc_port=cm.spec.serving.grpc_port)
+        self.serving = LocalServing(cm.name, port, self.files, self.poke, grpc_port=cm.spec.serving.grpc_port,
+                                    workers=cm.spec.serving.workers, batching=cm.spec.serving.batching)
         self._reports: dict[int, tuple[float, EvalReport]] = {}
         self._verdict_text: str | None = None
         self.task: asyncio.Task | None = None
@@ -136,7 +137,9 @@ class ModelRunner:
     def update(self, cm: CompressedModel) -> None:
         before = self.cm
         self.cm = self._assign_generation(cm)
-        self.serving.grpc_port = self.cm.spec.serving.grpc_port  # taken up when the server (re)starts
+        serving = self.cm.spec.serving  # taken up when the server (re)starts
+        self.serving.grpc_port, self.serving.workers, self.serving.batching = (serving.grpc_port, serving.workers,
+                                                                               serving.batching)
         if self.cm.generation != before.generation:
             log("spec changed", model=self.key, generation=self.cm.generation)
             _note_cluster_only(self.cm)

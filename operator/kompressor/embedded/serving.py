@@ -46,10 +46,12 @@ class _Backoff:
 
 class LocalServing:
     def __init__(self, name: str, port: int, files: ModelDir, changed: Callable[[], None],
-                 grpc_port: int | None = None):
+                 grpc_port: int | None = None, workers: int | None = None, batching=None):
         self.name = name
         self.port = port
         self.grpc_port = grpc_port  # spec.serving.grpcPort, as given (the embedded mode assigns only REST ports)
+        self.workers = workers  # spec.serving.workers (None: one per CPU of this machine's container limit)
+        self.batching = batching  # spec.serving.batching
         self.files = files
         self.changed = changed
         self.server: Child | None = None
@@ -86,7 +88,7 @@ class LocalServing:
             self._later(wait)
             return
         argv = commands.serve_argv(str(artifact_dir), self.name, self.port, str(self.files.capture), host=HOST,
-                                   grpc_port=self.grpc_port)
+                                   grpc_port=self.grpc_port, workers=self.workers, batching=self.batching)
         self.server = Child(argv, self.files.logs / "serving.log")
         self.server_target, self.served_revision, self.ready = target, None, False
         await self.server.start()

@@ -174,7 +174,7 @@ def serving_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> d
     serving = cm.spec.serving
     capture = store.path(CAPTURE_KEY.format(namespace=cm.namespace, name=cm.name))
     argv = commands.serve_argv(pod_path_of(action.artifact.uri), cm.name, serving.port, capture,
-                               grpc_port=serving.grpc_port)
+                               grpc_port=serving.grpc_port, workers=serving.workers, batching=serving.batching)
     meta = _metadata(cm, names.serving_name(cm.name), "serving", action.revision)
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
     container = {
