@@ -86,6 +86,32 @@ def paired_p50(base_path: Path, cand_path: Path, data, runs: int = 1800, budget_
     return float(np.percentile(times[0], 50)), float(np.percentile(times[1], 50))
 
 
+def paired_throughput(base_path: Path, cand_path: Path, data, batch: int = 64, budget_s: float = 20.0,
+                      rounds: int = 30) -> tuple[float, float]:
+    """Rows/s at batch ``batch`` of baseline and candidate (one ONNX Runtime thread), one batch each in turn,
+    ``rounds`` turns or until ``budget_s`` (at least 5); the median batch time of each."""
+    from kompressor_jobs.evaluate.metrics import feeds_for
+    from kompressor_jobs.runtime import session
+
+    sessions = [session(base_path, threads=1), session(cand_path, threads=1)]
+    batches = []
+    for s in sessions:
+        feeds = feeds_for(s, data)
+        n = len(next(iter(feeds.values())))
+        reps = -(-batch // n)
+        batches.append({k: np.concatenate([v] * reps)[:batch] for k, v in feeds.items()})
+    for s, b in zip(sessions, batches):
+        s.run(None, b)  # warm-up
+    times: list[list[float]] = [[], []]
+    began = time.perf_counter()
+    while len(times[0]) < rounds and (len(times[0]) < 5 or time.perf_counter() - began < budget_s):
+        for s, b, t in zip(sessions, batches, times):
+            start = time.perf_counter()
+            s.run(None, b)
+            t.append(time.perf_counter() - start)
+    return batch / float(np.median(times[0])), batch / float(np.median(times[1]))
+
+
 def ort_accuracy(path: Path, data) -> float:
     from kompressor_jobs.evaluate.metrics import predict
     from kompressor_jobs.runtime import session
@@ -154,7 +180,7 @@ def compress_one(setup: Setup, cfg: Config, seed: int, folder: Path) -> tuple[Pa
     folder.mkdir(parents=True, exist_ok=True)
     fp32 = folder / "fp32.onnx"
     export_onnx(result.module, src.inputs, fp32, task=src.task)
-    check_parity(result.module, fp32, setup.eval.feed(0, 64))
+    check_parity(result.module, fp32, setup.validation.feed(0, 64))  # validation rows: eval is for the figures only
     if cfg.quantization == "none":
         return fp32, result
     final = folder / MODEL_FILE

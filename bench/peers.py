@@ -32,6 +32,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 PEERS_DIR = Path(os.environ.get("KOMPRESSOR_BENCH_PEERS", Path.home() / ".cache" / "kompressor-bench-peers"))
 
+THROUGHPUT_BATCH = 64  # the evaluate Job's batch for throughput (kompressor_jobs.evaluate.metrics)
+
 TARGETS = [
     ("ResNet, 50 % channels", "≥ 1.8× ONNX Runtime CPU speed-up, ≤ 1 point drop"),
     ("MiniLM, dynamic INT8", "≥ 2× speed-up, ≤ 1 point drop, size ≤ 0.3"),
@@ -182,13 +184,15 @@ class Bench:
         return self._fair[(epochs, seed)]
 
     def add(self, case: str, tool: str, paths: list[Path], epochs: int, seeds: list[int], note: str = "") -> dict:
-        from compression import paired_p50  # bench/compression.py
+        from compression import paired_p50, paired_throughput  # bench/compression.py
 
         drops = [(self.fair(epochs, s) - self.accuracy(p)) * 100 for p, s in zip(paths, seeds)]
         base_p50, cand_p50 = paired_p50(self.base, paths[0], self.eval)
+        base_rps, cand_rps = paired_throughput(self.base, paths[0], self.eval, batch=THROUGHPUT_BATCH)
         row = {"model": self.name, "case": case, "tool": tool, "drops": drops,
                "accuracy": float(np.mean([self.accuracy(p) for p in paths])) * 100,
                "speedup": base_p50 / cand_p50, "p50": cand_p50, "base_p50": base_p50,
+               "throughput_speedup": cand_rps / base_rps,
                "size": paths[0].stat().st_size / self.base.stat().st_size, "epochs": epochs, "note": note}
         self.rows.append(row)
         print(render_row(row), file=sys.stderr, flush=True)
@@ -293,9 +297,10 @@ def _ms(values: list[float]) -> str:
 
 def render_row(r: dict) -> str:
     if "skip" in r:
-        return f"| {r['model']} | {r['case']} | {r['tool']} | skipped: {r['skip']} | | | | | |"
+        return f"| {r['model']} | {r['case']} | {r['tool']} | skipped: {r['skip']} | | | | | | |"
     return (f"| {r['model']} | {r['case']} | {r['tool']} | {r['accuracy']:.2f} | {_ms(r['drops'])} | "
-            f"{r['speedup']:.2f}× | {r['p50']:.3f} ms (baseline {r['base_p50']:.3f}) | {r['size']:.3f} | "
+            f"{r['speedup']:.2f}× | {r['p50']:.3f} ms (baseline {r['base_p50']:.3f}) | "
+            f"{r['throughput_speedup']:.2f}× | {r['size']:.3f} | "
             f"{r['note']} |")
 
 
@@ -345,7 +350,7 @@ def run_peers(seeds: int = 3, minilm_seeds: int | None = None) -> str:
     import torch
     import torch_pruning
 
-    from kompressor_jobs.hardware import cpu_model
+    from kompressor_jobs.hardware import cpu_flags, cpu_model
 
     started = time.perf_counter()
     seed_list = list(range(seeds))
@@ -356,7 +361,7 @@ def run_peers(seeds: int = 3, minilm_seeds: int | None = None) -> str:
     optimum_version = "not installed" if why else _optimum_version()
     lines = [
         f"Measured by `python bench/compression.py --peers --write-docs` ({time.perf_counter() - started:.0f} s) on "
-        f"{cpu_model()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Torch-Pruning "
+        f"{cpu_model()} ({', '.join(cpu_flags())}), torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Torch-Pruning "
         f"{torch_pruning.__version__}, optimum-onnx {optimum_version}; fine-tuning seeds: {seeds} for digits-resnet, "
         f"{len(text_seeds)} for MiniLM (CPU time on the shared 2 cores). ONNX Runtime on one "
         "thread; latency is batch-1 p50, each candidate timed against its own fp32 baseline in alternating blocks "
@@ -364,10 +369,13 @@ def run_peers(seeds: int = 3, minilm_seeds: int | None = None) -> str:
         "tests/support/text_models.py, 100 eval rows (one row = 1 pt), sequences of 32 tokens.",
         "",
         "Drops compare with the baseline fine-tuned for the same number of epochs (INT8 rows: the shipped fp32 "
-        "model), mean ± sd over the seeds; speed-up, p50 and size from the first seed.",
+        "model), mean ± sd over the seeds; speed-ups, p50 and size from the first seed. The verdicts use the "
+        f"batch-1 p50 speed-up; the batch-{THROUGHPUT_BATCH} throughput speed-up (rows/s, one thread, baseline and "
+        "candidate one batch each in turn, median batch time) is shown beside it.",
         "",
-        "| model | case | tool | eval accuracy % | drop (pt) | p50 speed-up | p50 | size vs fp32 | notes |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| model | case | tool | eval accuracy % | drop (pt) | p50 speed-up (batch 1) | p50 | throughput speed-up "
+        f"(batch {THROUGHPUT_BATCH}) | size vs fp32 | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ] + [render_row(r) for r in rows] + [
         "", "Targets (issue 10 item 12):", "",
         "| target | goal | measured (Kompressor) | verdict |", "| --- | --- | --- | --- |",

@@ -5,8 +5,8 @@
     python bench/serving_load.py --seconds 2 --models small   # a quick look
 
 One run, the same ONNX models served by every server, each cell a closed-loop load at 1, 8 and 64 connections:
-- models: ``small`` (an MLP shaped like the builtin digits-mlp, 64 → 1024 → 1024 → 10), ``heavy`` (784 → 1024 →
-  1024 → 10, about 1.9 M parameters; batch 1 and batch 32) and ``transformer`` (the real pretrained
+- models: ``small`` (an MLP shaped like the builtin digits-mlp, 64 → 1024 → 1024 → 10), ``heavy``
+  (784 → 1024 → 1024 → 10, about 1.9 M parameters; batch 1 and batch 32) and ``transformer`` (the real pretrained
   all-MiniLM-L6-v2 with a topic head, tests/support/text_models.py, 32 tokens; batch 1);
 - servers: `kompressor serve` (REST JSON, REST binary tensors, gRPC; 1 worker and ``--workers 2``; and, when
   ``kompressor serve --help`` offers ``--max-batch-size``, 1 worker with dynamic batching); KServe's Python model
@@ -21,8 +21,12 @@ One run, the same ONNX models served by every server, each cell a closed-loop lo
 KServe and MLServer are benchmark-only dependencies: each is installed in its own venv under /tmp/bench-venvs
 (created on first use, with a message; ``--venvs DIR`` to put them elsewhere). ``wrk`` and ``h2load`` come from
 Debian's packages ``wrk`` and ``nghttp2-client`` (``nghttpd`` from ``nghttp2-server``, for h2load's ceiling).
-Every server runs ONNX Runtime at its default threads (one per core) per process; `kompressor serve --workers 2`
-gives each worker its share (one thread), as its own rule does.
+ONNX Runtime threads: a server of one process runs ORT at its default (one intra-op thread per core); with 2
+workers each gets one thread (`kompressor serve`'s own rule, given to the peers through $BENCH_ORT_THREADS); one
+extra row runs `kompressor serve` with 1 worker on 1 thread. A cell at many connections runs longer than
+``--seconds`` when one round of all connections takes long (4 rounds, up to ``--max-cell-seconds``), and after each
+cell the script waits for the server to go idle (its process group's CPU time stops growing), so that requests left
+in flight by the generator do not load the next cell.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ BEGIN, END = "<!-- serving_load: begin (bench/serving_load.py --write-docs) -->"
 DEFAULT_VENVS = Path("/tmp/bench-venvs")
 PEER_PACKAGES = {  # benchmark-only, pinned: what this benchmark was last run with
     "kserve": ["kserve==0.21.0", "onnxruntime==1.32.0", "numpy==2.4.6"],
-    "mlserver": ["mlserver==1.7.1", "onnxruntime==1.32.0", "numpy==2.4.6", "uvloop==0.21.0"],  # uvloop 0.22+: its workers fail to start
+    # uvloop 0.22+ breaks MLServer 1.7's inference workers ("There is no current event loop"): pinned below it
+    "mlserver": ["mlserver==1.7.1", "onnxruntime==1.32.0", "numpy==2.4.6", "uvloop==0.21.0"],
 }
 SMALL_LAYERS = (64, 1024, 1024, 10)
 HEAVY_LAYERS = (784, 1024, 1024, 10)
@@ -623,7 +628,8 @@ def ratios(report: dict, args: argparse.Namespace) -> str:
     cells, top = report["cells"], max(args.connections)
     k1, k2, kb = K1, K2, KB
     lines = [f"### Ratios at {top} connections (requests/s of `kompressor serve` over the other)", "",
-             "| model, batch | 2 workers / 1 (JSON · binary · gRPC) | 2 workers / 1 worker at 1 ORT thread (JSON) | 1 worker JSON / KServe 1 · MLServer 1 "
+             "| model, batch | 2 workers / 1 (JSON · binary · gRPC) | 2 workers / 1 worker at 1 ORT thread (JSON) "
+             "| 1 worker JSON / KServe 1 · MLServer 1 "
              "| 2 workers JSON / KServe 2 · MLServer 2 | best protocol, 2 workers / best peer | 1 worker JSON / bare "
              "aiohttp | binary · gRPC / JSON (1 worker) | dynamic batching: p99 / unbatched · req/s / unbatched |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -640,11 +646,13 @@ def ratios(report: dict, args: argparse.Namespace) -> str:
             batch_cell = report["cells"].get((key, batch, kb, "REST JSON", top))
             plain = report["cells"].get((key, batch, k1, "REST JSON", top))
             if batch_cell and plain:
-                batching = f"{batch_cell.p99_ms / plain.p99_ms:.2f}× · {ratio(batch_cell.requests_per_s, plain.requests_per_s)}"
+                batching = (f"{batch_cell.p99_ms / plain.p99_ms:.2f}× · "
+                            f"{ratio(batch_cell.requests_per_s, plain.requests_per_s)}")
                 verdict["batching"].append((f"{key} b{batch}", batch_cell.p99_ms / plain.p99_ms))
             else:
                 batching = "not measured" if not report["batching"] else "–"
-            lines.append(f"| {key}, {batch} | {' · '.join(w)} | {ratio(r(k2), r(ONE_THREAD))} | {' · '.join(ratio(r(k1), p) for p in peers1)} | "
+            lines.append(f"| {key}, {batch} | {' · '.join(w)} | {ratio(r(k2), r(ONE_THREAD))} | "
+                         f"{' · '.join(ratio(r(k1), p) for p in peers1)} | "
                          f"{' · '.join(ratio(r(k2), p) for p in peers2)} | {ratio(best_k, best_peer)} | "
                          f"{ratio(r(k1), r('bare aiohttp + session.run'))} | {' · '.join(proto)} | {batching} |")
             single = max(filter(None, [r(k1), r(ONE_THREAD)]), default=None)
@@ -664,9 +672,12 @@ def ratios(report: dict, args: argparse.Namespace) -> str:
             return
         met = [v for _, v in values if good(v)]
         text = ", ".join(f"{k} {v:.2f}×" for k, v in values)
-        lines.append(f"| {name} | {goal} | {text} | {'met' if len(met) == len(values) else 'missed' if not met else f'met in {len(met)} of {len(values)}'} |")
+        verdict = ("met" if len(met) == len(values) else "missed" if not met
+                   else f"met in {len(met)} of {len(values)}")
+        lines.append(f"| {name} | {goal} | {text} | {verdict} |")
 
-    row(f"throughput at {top} connections, REST JSON, 2 workers vs the better single worker (default threads or 1)", f"≥ {TARGETS['workers']}×",
+    row(f"throughput at {top} connections, REST JSON, 2 workers vs the better single worker (default threads "
+        f"or 1)", f"≥ {TARGETS['workers']}×",
         verdict["workers"], lambda v: v >= TARGETS["workers"])
     row(f"vs KServe and MLServer, REST JSON at {top} connections, same worker count (the lower ratio)",
         f"≥ {TARGETS['peers']}×", verdict["peers"], lambda v: v >= TARGETS["peers"])

@@ -3,6 +3,7 @@ operator, serving and drift-watcher code), with labels those metrics carry, and 
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 
@@ -17,8 +18,22 @@ SUFFIXES = {"Counter": ("_total", "_created"), "Gauge": ("",), "Histogram": ("_b
             "Summary": ("_sum", "_count")}
 # Labels Prometheus adds when it scrapes (ServiceMonitor / PodMonitor targets), and a histogram's le.
 TARGET_LABELS = {"namespace", "pod", "container", "service", "endpoint", "job", "instance"}
-DEFINITION = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(\s*\"([a-zA-Z_:][a-zA-Z0-9_:]*)\"\s*,\s*"
-                        r"\"(?:[^\"\\]|\\.)*\"\s*,?\s*(\[[^\]]*\])?")
+METRIC_TYPES = set(SUFFIXES)
+
+
+def _definitions(source: str):
+    """(type, name, labels) of each prometheus_client constructor call whose name and labels are literals."""
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        kind = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+        if kind not in METRIC_TYPES or not node.args or not isinstance(node.args[0], ast.Constant):
+            continue
+        labels = node.args[2] if len(node.args) > 2 else next(
+            (k.value for k in node.keywords if k.arg == "labelnames"), None)
+        names = {e.value for e in getattr(labels, "elts", []) if isinstance(e, ast.Constant)}
+        yield kind, node.args[0].value, names
 
 
 def defined_metrics() -> dict[str, tuple[str, set[str]]]:
@@ -26,10 +41,9 @@ def defined_metrics() -> dict[str, tuple[str, set[str]]]:
     series = {}
     for root in CODE:
         for path in root.rglob("*.py"):
-            for kind, name, labels in DEFINITION.findall(path.read_text()):
-                label_set = set(re.findall(r"\"([a-zA-Z_][a-zA-Z0-9_]*)\"", labels or ""))
+            for kind, name, label_set in _definitions(path.read_text()):
                 if kind in ("Histogram", "Summary"):
-                    label_set.add("le")
+                    label_set = label_set | {"le"}
                 for suffix in SUFFIXES[kind]:
                     series[name + suffix] = (kind, label_set)
     return series

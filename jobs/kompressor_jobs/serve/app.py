@@ -26,6 +26,7 @@ INLINE_ELEMENTS = 8192
 # OIP v2 / Triton extension names: the repository API (load = hot swap) and binary tensors on REST
 EXTENSIONS = ["model_repository", "binary_tensor_data"]
 REST, GRPC = "rest", "grpc"
+CLIENT_GONE = 499  # the status nginx logs for a client that closed its connection first (never sent: no one hears it)
 
 
 class NotFound(LookupError):
@@ -260,6 +261,8 @@ class InferenceServer:
         except TimeoutError:
             raise BodyRefused(408, f"request body not received within {self.body_timeout:g} s "
                               f"(--body-timeout-seconds)", close=True) from None
+        except ConnectionError:  # the client went away before its body was in: counted, nobody to answer
+            raise BodyRefused(CLIENT_GONE, "the client closed the connection before sending the whole body") from None
         if size > limit:
             raise BodyRefused(413, too_big)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
