@@ -27,15 +27,16 @@ _metrics: OperatorMetrics | None = None
 
 
 class NoDiffBase(kopf.DiffBaseStorage):
-    """Keeps no last-handled state: Kopf sees each event as a creation without handlers, and the
-    deletion handler fires on deletionTimestamp, which needs no diff. Nor does it build an essence
-    (Kopf's is a deep copy of the whole object, twice per event)."""
+    """Keeps no last-handled state: every object's essence is the same empty one, so Kopf sees no
+    change in any event (no creation or update cause, nothing stored), and the deletion handler fires
+    on deletionTimestamp, which needs no diff. Nor does it build Kopf's essence (a deep copy of the
+    whole object, twice per event)."""
 
     def build(self, *, body, extra_fields=None):
         return {}
 
     def fetch(self, *, body):
-        return None
+        return {}
 
     def store(self, *, body, patch, essence):
         pass
