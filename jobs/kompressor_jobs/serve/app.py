@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from pathlib import Path
 
 from aiohttp import web
@@ -15,6 +16,7 @@ from kompressor.api import defaults as d
 from kompressor.console import log
 from kompressor.errors import UserError
 from kompressor_jobs.capture import CaptureWriter
+from kompressor_jobs.serve import feedback as fb
 from kompressor_jobs.serve.batching import DynamicBatcher
 from kompressor_jobs.serve.metrics import ServerMetrics
 from kompressor_jobs.serve.model import LoadedModel
@@ -25,6 +27,7 @@ from kompressor_jobs.serve.oip import HEADER_LENGTH, BadRequest, InferRequest, d
 INLINE_ELEMENTS = 8192
 # OIP v2 / Triton extension names: the repository API (load = hot swap) and binary tensors on REST
 EXTENSIONS = ["model_repository", "binary_tensor_data"]
+FEEDBACK_EXTENSION = "feedback"  # POST /v2/models/{name}/feedback, with --feedback (kompressor_jobs.serve.feedback)
 REST, GRPC = "rest", "grpc"
 CLIENT_GONE = 499  # the status nginx logs for a client that closed its connection first (never sent: no one hears it)
 
@@ -65,7 +68,9 @@ class InferenceServer:
     def __init__(self, name: str, model: LoadedModel, capture: str | Path | None = None,
                  capture_max_bytes: int = 64 << 20, max_body_bytes: int = 8 << 20, capture_sink=None, peers=None,
                  max_batch_size: int = 0, max_batch_delay_ms: float = 0.0,
-                 body_timeout_seconds: float = d.SERVING_BODY_TIMEOUT_SECONDS):
+                 body_timeout_seconds: float = d.SERVING_BODY_TIMEOUT_SECONDS, feedback: bool = False,
+                 feedback_window: int = d.SERVING_FEEDBACK_WINDOW,
+                 feedback_max_requests: int = d.SERVING_FEEDBACK_MAX_REQUESTS, feedback_token: bytes | None = None):
         self.name = name
         self.model = model
         self.max_body_bytes = max_body_bytes
@@ -91,6 +96,14 @@ class InferenceServer:
                 on_drop=lambda rows, reason: self.metrics.capture_dropped.labels(name, reason).inc(rows),
                 on_write=lambda rows: self.metrics.captured.labels(name).inc(rows))
             self.capture.start_serving(model.revision)  # a new serving stint unless it was serving already
+        self.feedback = None  # with --feedback: recent predictions by id, online accuracy per revision
+        self.feedback_token = feedback_token  # with --feedback-token-file: the bearer token labels need
+        if feedback or feedback_token is not None:
+            def exported(revision: int, window: fb.Window) -> None:
+                self.metrics.online_accuracy.labels(name, str(revision)).set(window.accuracy)
+                self.metrics.online_labels.labels(name, str(revision)).set(len(window.hits))
+
+            self.feedback = fb.FeedbackStore(feedback_window, feedback_max_requests, on_accuracy=exported)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_as_json])
@@ -102,6 +115,8 @@ class InferenceServer:
         app.router.add_get("/v2/health/live", self.live)
         app.router.add_get("/v2/health/ready", self.ready)
         app.router.add_post("/v2/repository/index", self.repository_index)
+        if self.feedback is not None:
+            app.router.add_post("/v2/models/{name}/feedback", self.label)
         app.router.add_post("/v2/repository/models/{name}/load", self.load)
         app.router.add_get("/metrics", self.prometheus)
         app.on_cleanup.append(self._close_capture)
@@ -159,6 +174,8 @@ class InferenceServer:
             captured = dict(zip(names, results)) if list(names) == list(model.output_names) else None
             self.capture.submit({spec.name: request.feeds[spec.name] for spec in model.inputs}, model.revision,
                                 outputs=captured)
+        if self.feedback is not None and request.request_id is not None and names and names[0] == model.output_names[0]:
+            self.feedback.remember(request.request_id, model.revision, results[0])
         requests, batch, latency = self.metrics.for_revision(self.name, model.version, protocol)
         requests.inc()
         batch.observe(request.rows)
@@ -177,7 +194,8 @@ class InferenceServer:
             raise web.HTTPNotFound(text=str(err)) from None
 
     async def server_metadata(self, request: web.Request) -> web.Response:
-        return web.json_response({"name": "kompressor", "version": __version__, "extensions": EXTENSIONS})
+        extensions = EXTENSIONS + ([FEEDBACK_EXTENSION] if self.feedback is not None else [])
+        return web.json_response({"name": "kompressor", "version": __version__, "extensions": extensions})
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"live": True})
@@ -214,6 +232,8 @@ class InferenceServer:
             except (ValueError, UnicodeDecodeError) as err:
                 raise BadRequest(f"request body is not valid JSON: {err}") from None
             decoded = decode_request(header, model, binary)
+            if self.feedback is not None and decoded.request_id is None:  # labels need an id: one is assigned
+                decoded.request_id = uuid.uuid4().hex
             results = await self.run(model, decoded)
         except BodyRefused as err:
             self.failed(model, REST, str(err.status))
@@ -266,6 +286,48 @@ class InferenceServer:
         if size > limit:
             raise BodyRefused(413, too_big)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def label(self, request: web.Request) -> web.Response:
+        """``POST /v2/models/{name}/feedback``: one label ``{"id", "label"}`` or a list of them. A single label's
+        refusal is its 4xx (STATUS in kompressor_jobs.serve.feedback). A list is judged label by label: the valid
+        ones are accepted (labels come from independent sources: one stale id must not hold back the others, and
+        a client resending the list after a partial failure gets ``duplicate`` for those already in); the answer
+        says what happened to each, and is 200 when any was accepted, else the 4xx they share (400 if they
+        differ)."""
+        refused = self.metrics.feedback_refused
+        if not fb.authorized(request.headers.get("Authorization"), self.feedback_token):
+            refused.labels(self.name, fb.UNAUTHORIZED).inc()
+            return web.json_response({"error": "a valid bearer token is required (Authorization: Bearer <token>)"},
+                                     status=401, headers={"WWW-Authenticate": "Bearer"})
+        self._find(request)
+        try:
+            body = json.loads(await self.read_body(request))
+        except BodyRefused as err:
+            refused.labels(self.name, fb.MALFORMED).inc()
+            return await err.answer(request)
+        except (ValueError, UnicodeDecodeError) as err:
+            refused.labels(self.name, fb.MALFORMED).inc()
+            return _error(400, f"request body is not valid JSON: {err}")
+        if isinstance(body, list) and not body or not isinstance(body, (list, dict)):
+            refused.labels(self.name, fb.MALFORMED).inc()
+            return _error(400, 'the body must be a label {"id": "<request id>", "label": <class>} or a non-empty '
+                          'list of them')
+        outcomes = [self.feedback.label(item) for item in (body if isinstance(body, list) else [body])]
+        for outcome in outcomes:
+            if outcome.status == fb.ACCEPTED:
+                self.metrics.feedback_accepted.labels(self.name, str(outcome.revision)).inc()
+            else:
+                refused.labels(self.name, outcome.status).inc()
+        accepted = sum(o.status == fb.ACCEPTED for o in outcomes)
+        statuses = {fb.STATUS[o.status] for o in outcomes if o.status != fb.ACCEPTED}
+        status = 200 if accepted else (statuses.pop() if len(statuses) == 1 else 400)
+        if isinstance(body, dict):
+            answer = outcomes[0].as_json()
+            if status != 200:
+                answer["error"] = outcomes[0].message
+            return web.json_response(answer, status=status)
+        return web.json_response({"accepted": accepted, "refused": len(outcomes) - accepted,
+                                  "results": [o.as_json() for o in outcomes]}, status=status)
 
     def _failed(self, model: LoadedModel, status: int, message: str) -> web.Response:
         self.failed(model, REST, str(status))

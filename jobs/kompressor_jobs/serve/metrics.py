@@ -44,6 +44,20 @@ class ServerMetrics:
         self.captured = Counter("kompressor_capture_rows", "Rows written to the capture folder.", ["model"],
                                 registry=r)
         self._children: dict[tuple[str, str], tuple] = {}
+        # ground-truth feedback (--feedback, kompressor_jobs.serve.feedback)
+        self.online_accuracy = Gauge("kompressor_online_accuracy",
+                                     "Share of the last --feedback-window labelled predictions of a revision that "
+                                     "were right.", ["model", "revision"], registry=r,
+                                     multiprocess_mode="livemostrecent")
+        self.online_labels = Gauge("kompressor_online_accuracy_labels",
+                                   "Labelled predictions in a revision's online accuracy window.",
+                                   ["model", "revision"], registry=r, multiprocess_mode="livemostrecent")
+        self.feedback_accepted = Counter("kompressor_feedback_labels_accepted",
+                                         "Ground-truth labels accepted, by the revision that made the prediction.",
+                                         ["model", "revision"], registry=r)
+        self.feedback_refused = Counter("kompressor_feedback_labels_refused",
+                                        "Ground-truth labels refused (malformed, unknown_id, duplicate, "
+                                        "label_out_of_range, unauthorized).", ["model", "reason"], registry=r)
         self.capture_dropped = Counter("kompressor_capture_dropped_rows",
                                        "Rows not kept for drift watching (queue_full, size_cap, write_error).",
                                        ["model", "reason"], registry=r)

@@ -100,6 +100,10 @@ SERVING_HEADER_TIMEOUT_SECONDS = 75.0
 # 413 on a kept connection; past that (or a Content-Length past it) the 413 goes out at once and the connection
 # is closed without reading the rest.
 SERVING_BODY_DISCARD_FACTOR = 2
+# Ground-truth feedback (`kompressor serve --feedback`): online accuracy per revision over the last this many
+# labelled predictions, and the most recent requests remembered by id for labels to refer to (oldest forgotten).
+SERVING_FEEDBACK_WINDOW = 500
+SERVING_FEEDBACK_MAX_REQUESTS = 100_000
 # spec.serving.autoscaling: the operator owns an autoscaling/v2 HorizontalPodAutoscaler for the serving
 # Deployment. targetConcurrency is a Pods metric: the per-Pod average of this gauge of the server's
 # /metrics (requests being answered), served to the HPA by a custom-metrics adapter (prometheus-adapter).
