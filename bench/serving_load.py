@@ -710,8 +710,20 @@ Notes on the load benchmark:
   all three share; `kompressor serve`'s binary and gRPC rows show what its other protocols add.
 - MLServer's "parallel workers" are inference processes behind one HTTP process, so its 1-worker row already uses
   two processes; KServe's workers and `kompressor serve --workers` are whole servers sharing the port.
+- How the targets are judged: workers, `--workers 2` against the better of the two single-worker rows (ORT's
+  default threads, or one thread), on REST JSON; peers, REST JSON against REST JSON at the same worker count, the
+  lower of the KServe and MLServer ratios; the "best protocol" column is what a client free to choose gRPC or
+  binary tensors gets against the best peer row.
+- MLServer parses JSON with orjson; `kompressor serve` and the bare aiohttp server use Python's `json`, whose
+  decoding is the largest single part of a batch-32 JSON request (25,088 numbers): likely where MLServer's REST
+  JSON rows gain at batch 32. The binary and gRPC rows skip JSON for the tensors altogether.
+- ORT's default in one process is one intra-op thread per core; on a machine whose load average is above its core
+  count, a run likely waits for whichever of its threads was descheduled: the single-process rows at default
+  threads fall behind the one-thread row under load, and most of what `--workers 2` gains over the default here
+  is that, not a second core (with other jobs holding the cores, a second worker cannot count on one).
 - The machine had 2 cores shared with other jobs (the load average is above): the absolute figures move between
-  runs; the ratios, measured in one run with the cells interleaved, are what to read.
+  runs (the same cell can differ by 2× or more from one run to the next); the ratios, measured in one run with the cells
+  interleaved, are what to read, and even they are noisy at this load.
 """
 
 

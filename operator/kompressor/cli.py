@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--header-timeout-seconds", type=float, default=d.SERVING_HEADER_TIMEOUT_SECONDS,
                    help="close a connection that sends no complete request head for this long (slow headers, idle "
                    "keep-alive)")
+    p.add_argument("--feedback", action="store_true",
+                   help="take true labels at POST /v2/models/{name}/feedback and export the online accuracy per "
+                   "revision (needs --workers 1)")
+    p.add_argument("--feedback-token-file", help="file holding the bearer token labels must carry (implies --feedback)")
+    p.add_argument("--feedback-window", type=int, default=d.SERVING_FEEDBACK_WINDOW,
+                   help="online accuracy over the last this many labelled predictions of each revision")
+    p.add_argument("--feedback-max-requests", type=int, default=d.SERVING_FEEDBACK_MAX_REQUESTS,
+                   help="recent requests remembered by id for labels (oldest forgotten)")
 
     p = sub.add_parser("watch-drift", help="test captured traffic for drift with Alibi Detect")
     p.add_argument("--spec", required=True, help="CompressedModel manifest (YAML)")

@@ -33,6 +33,14 @@ def test_operator_import_path_loads_no_ml_library():
     assert out.strip() == "[]"
 
 
+def test_the_operator_does_not_load_the_second_kubernetes_client():
+    # kubernetes 36 ships kubernetes_asyncio too; Kopf would import it (about 30 MB) for nothing.
+    code = ("import sys, kompressor.k8s.main, kompressor.k8s.handlers, kopf; "
+            "print(sys.modules.get('kubernetes_asyncio') is None)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
+
+
 def test_required_rules_cover_every_declared_access_and_kopf():
     rules = required_rules()
 

@@ -45,6 +45,11 @@ the connection is closed); a connection with no complete request head for ``--he
 headers, or idle keep-alive) is closed; a body over ``--max-body-bytes`` gets 413, and one far over it (or a
 Content-Length that says so) is refused without being read.
 
+With ``--feedback`` (or ``--feedback-token-file PATH``, which then requires ``Authorization: Bearer <token>``)
+``POST /v2/models/{name}/feedback`` takes true labels for recent requests by their ``id`` (assigned and returned
+when the client sent none) and exports the online accuracy per revision (see ``kompressor_jobs.serve.feedback``);
+it needs ``--workers 1``.
+
 With ``--capture DIR`` the inputs of every successful request are appended to rolling files there (see
 ``kompressor_jobs.capture``) for ``kompressor watch-drift``; capture never blocks a request.
 """
@@ -76,6 +81,10 @@ def main(args: argparse.Namespace) -> int:
         from kompressor_jobs.serve.workers import auto_workers
 
         args.workers = workers = auto_workers()
+    if _feedback_on(args) and workers > 1 and not getattr(args, "worker_control", None):
+        raise UserError(f"--feedback needs one server process, got --workers {workers}: each worker remembers only "
+                        f"the requests it answered, so a label landing on another worker would be refused; serve "
+                        f"with --workers 1 (and scale with replicas)")
     if getattr(args, "worker_control", None):
         return _worker(args, grpc_port)
     if workers > 1:
@@ -108,9 +117,20 @@ def _server_options(args: argparse.Namespace) -> dict:
     """InferenceServer's settings from the command line (one server, or each worker)."""
     from kompressor.api import defaults as d
 
+    from kompressor_jobs.serve.feedback import read_token
+
+    token_file = getattr(args, "feedback_token_file", None)
     return {"max_body_bytes": args.max_body_bytes, "max_batch_size": getattr(args, "max_batch_size", 0),
             "max_batch_delay_ms": getattr(args, "max_batch_delay_ms", d.SERVING_BATCH_MAX_DELAY_MS),
-            "body_timeout_seconds": getattr(args, "body_timeout_seconds", d.SERVING_BODY_TIMEOUT_SECONDS)}
+            "body_timeout_seconds": getattr(args, "body_timeout_seconds", d.SERVING_BODY_TIMEOUT_SECONDS),
+            "feedback": _feedback_on(args), "feedback_token": read_token(token_file) if token_file else None,
+            "feedback_window": getattr(args, "feedback_window", d.SERVING_FEEDBACK_WINDOW),
+            "feedback_max_requests": getattr(args, "feedback_max_requests", d.SERVING_FEEDBACK_MAX_REQUESTS)}
+
+
+def _feedback_on(args: argparse.Namespace) -> bool:
+    """--feedback, or a --feedback-token-file (which implies it)."""
+    return bool(getattr(args, "feedback", False) or getattr(args, "feedback_token_file", None))
 
 
 def _header_timeout(args: argparse.Namespace) -> float:

@@ -57,7 +57,7 @@ def authorized(header: str | None, token: bytes | None) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
 
-@dataclass
+@dataclass(slots=True)
 class Prediction:
     revision: int
     classes: tuple[int, ...]  # predicted class per row
