@@ -203,7 +203,8 @@ def render(rows: list[dict], emulator: list[dict] | None = None) -> str:
              f"(1-minute load average {min(loads):.1f} to {max(loads):.1f} during the runs). Latency: create call "
              "returned → the pruning Job delivered by a watch (both measured by the benchmark's client, so watch "
              "delivery is included); one model created and awaited first, so a running operator is measured, "
-             "not its start. `python bench/operator_real.py --sizes "
+             f"not its start. The operator's packages: {_versions('kopf', 'kubernetes', 'aiohttp')}. "
+             "`python bench/operator_real.py --sizes "
              + " ".join(str(r["n"]) for r in rows) + "`.",
              "", "| CRs created at once | CR → pruning Job p50 | p95 | max | all CRs created after | all Jobs seen after "
              "| operator RSS (peak) | operator CPU | control plane CPU | load avg before → after |",
@@ -242,6 +243,12 @@ def render(rows: list[dict], emulator: list[dict] | None = None) -> str:
             lines.append(f"| {n} | {r['p95'] * 1000:.0f} ms | {e['p95'] * 1000:.0f} ms | {r['operator_cpu_s']:.1f} s | "
                          f"{e['operator_cpu_s']:.1f} s | {r['rss_mb']:.0f} MB | {e['rss_mb']:.0f} MB |")
     return "\n".join(lines) + "\n"
+
+
+def _versions(*packages: str) -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in packages)
 
 
 def write_section(doc: Path, section: str) -> None:

@@ -62,11 +62,30 @@ def ort_threads(cpu_limit=None, env: dict | None = None, own_cgroup: bool = True
     return max(1, int(cores)) if cores else 0
 
 
-def session(path: Path, threads: int | None = None):
+# Session config entries that stop ONNX Runtime's pool threads spinning while they wait for work. Spinning
+# only pays on idle, dedicated cores: under concurrent requests (or beside other Pods) the spinners take the
+# CPU from the threads doing work -- on a loaded 2-core machine a server with the default threads answered
+# 2-4x fewer requests than with spinning off (docs/benchmarks/serving.md, "Under load").
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
+def session_options(threads: int | None = None):
+    """The SessionOptions of every session that serves or measures latency, one rule for both (so latency is
+    measured as it is served): ``threads`` intra-op threads (None: ``ort_threads()``; 0: one per core), and
+    no spinning (NO_SPINNING)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = ort_threads() if threads is None else threads  # 0: one per core
+    options.intra_op_num_threads = ort_threads() if threads is None else threads
+    for key, value in NO_SPINNING.items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
+def session(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    options = session_options(threads)
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # noqa: BLE001 - a corrupt/foreign file fails in several ways

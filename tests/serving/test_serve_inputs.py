@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from kompressor.store import write_manifest
+from kompressor.store import MODEL_FILE, write_manifest
 from serving_support import Server, http
 
 TOKENS = 4
@@ -202,5 +202,10 @@ def test_the_server_pins_threads_by_the_same_rule_as_the_evaluation(multi, tmp_p
     model = LoadedModel(artifact)
     assert model.threads == 2 == model.session.get_session_options().intra_op_num_threads
     assert runtime.ort_threads("2500m", env={}, own_cgroup=False) == model.threads
+    # and its threads wait without spinning, as the evaluation's sessions do (runtime.session_options)
+    served = model.session.get_session_options()
+    measured = runtime.session(artifact / MODEL_FILE, 2).get_session_options()
+    for key in runtime.NO_SPINNING:
+        assert served.get_session_config_entry(key) == "0" == measured.get_session_config_entry(key)
     monkeypatch.setenv("KOMPRESSOR_ORT_THREADS", "1")
     assert LoadedModel(artifact).session.get_session_options().intra_op_num_threads == 1

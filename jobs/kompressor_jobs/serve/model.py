@@ -9,7 +9,7 @@ import numpy as np
 
 from kompressor.errors import UserError
 from kompressor.store import MODEL_FILE, verify_artifact
-from kompressor_jobs.runtime import ort_threads
+from kompressor_jobs.runtime import ort_threads, session_options
 
 # ONNX Runtime's tensor types and the OIP v2 datatypes, one to one.
 ORT_TO_OIP = {
@@ -55,11 +55,11 @@ class LoadedModel:
         self.revision = revision
         self.version = str(revision)
         self.sha256 = self.manifest["files"][MODEL_FILE]
-        options = ort.SessionOptions()
-        # The same rule as the evaluation Job's latency measurement: $KOMPRESSOR_ORT_THREADS, else this Pod's
-        # CPU limit (spec.serving.resources.limits.cpu), else one thread per core.
+        # The same rule as the evaluation Job's latency measurement (runtime.session_options): threads from
+        # $KOMPRESSOR_ORT_THREADS, else this Pod's CPU limit (spec.serving.resources.limits.cpu), else one per
+        # core; and no spinning.
         self.threads = ort_threads()
-        options.intra_op_num_threads = self.threads
+        options = session_options(self.threads)
         try:
             self.session = ort.InferenceSession(str(self.artifact / MODEL_FILE), options,
                                                 providers=["CPUExecutionProvider"])
