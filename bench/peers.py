@@ -362,7 +362,7 @@ def run_peers(seeds: int = 3, minilm_seeds: int | None = None) -> str:
     lines = [
         f"Measured by `python bench/compression.py --peers --write-docs` ({time.perf_counter() - started:.0f} s) on "
         f"{cpu_model()} ({', '.join(cpu_flags())}), torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Torch-Pruning "
-        f"{torch_pruning.__version__}, optimum-onnx {optimum_version}; fine-tuning seeds: {seeds} for digits-resnet, "
+        f"{_dist_version('torch-pruning', torch_pruning)}, optimum-onnx {optimum_version}; fine-tuning seeds: {seeds} for digits-resnet, "
         f"{len(text_seeds)} for MiniLM (CPU time on the shared 2 cores). ONNX Runtime on one "
         "thread; latency is batch-1 p50, each candidate timed against its own fp32 baseline in alternating blocks "
         "in the same process. digits-resnet: 450 eval rows (one row = 0.22 pt); MiniLM: the template topic data of "
@@ -381,6 +381,16 @@ def run_peers(seeds: int = 3, minilm_seeds: int | None = None) -> str:
         "| target | goal | measured (Kompressor) | verdict |", "| --- | --- | --- | --- |",
     ] + verdicts(rows)
     return "\n".join(lines)
+
+
+def _dist_version(dist: str, module) -> str:
+    """The installed distribution's version (torch_pruning 1.6.1's ``__version__`` still says 1.6.0)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return getattr(module, "__version__", "unknown")
 
 
 def _optimum_version() -> str:

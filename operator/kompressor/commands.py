@@ -23,11 +23,20 @@ def evaluate_argv(spec: str, candidate: str, out: str) -> list[str]:
 
 
 def serve_argv(artifact: str, name: str, port: int, capture: str | None, host: str = "0.0.0.0",
-               grpc_port: int | None = None, workers: int | None = None, batching=None) -> list[str]:
+               grpc_port: int | None = None, workers: int | None = None, batching=None, performance=None,
+               feedback_token_file: str | None = None) -> list[str]:
     """``workers`` None: ``--workers 0``, one per CPU of the container's limit. ``batching``: a
-    spec.serving.batching (max_batch_size, max_delay_ms), or None for none."""
+    spec.serving.batching (max_batch_size, max_delay_ms), or None for none. ``performance``: a
+    spec.drift.performance, which turns the feedback endpoint on (``--feedback --feedback-window``) and forces
+    ``--workers 1`` (labels must reach the process that answered the request); ``feedback_token_file`` guards it."""
+    if performance is not None:
+        workers = 1
     argv = [*ENTRYPOINT, "serve", "--artifact", artifact, "--name", name, "--port", str(port), "--host", host,
             "--workers", str(workers or d.SERVING_AUTO_WORKERS)]
+    if performance is not None:
+        argv += ["--feedback", "--feedback-window", str(performance.window)]
+        if feedback_token_file:
+            argv += ["--feedback-token-file", feedback_token_file]
     if grpc_port:
         argv += ["--grpc-port", str(grpc_port)]
     if batching is not None:
@@ -36,7 +45,10 @@ def serve_argv(artifact: str, name: str, port: int, capture: str | None, host: s
 
 
 def watcher_argv(spec: str, capture: str, verdict: str, revision: int, reference: str | None = None,
-                 state: str | None = None, metrics_port: int = 0, artifact: str | None = None) -> list[str]:
+                 state: str | None = None, metrics_port: int = 0, artifact: str | None = None,
+                 serving_metrics_url: str | None = None) -> list[str]:
+    """``serving_metrics_url``: the serving process' /metrics, where spec.drift.performance reads the online
+    accuracy."""
     argv = [*ENTRYPOINT, "watch-drift", "--spec", spec, "--capture", capture, "--verdict", verdict,
             "--revision", str(revision)]
     if reference:
@@ -47,4 +59,6 @@ def watcher_argv(spec: str, capture: str, verdict: str, revision: int, reference
         argv += ["--state", state]
     if metrics_port:
         argv += ["--metrics-port", str(metrics_port)]
+    if serving_metrics_url:
+        argv += ["--serving-metrics-url", serving_metrics_url]
     return argv

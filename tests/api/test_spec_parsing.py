@@ -192,7 +192,9 @@ _SEED_ITEMS = {
 _CONTEXT = {"spec.compression.search.minSparsity": {("spec", "compression", "search", "maxSparsity"): 0.99}}
 # A valid object for each optional section with required fields or rules between its fields, so that one
 # field of it can be tried alone; and the seeded fields a tried field excludes (exactly one target).
-_SEED_OBJECTS = {"spec.serving.autoscaling": {"maxReplicas": 100, "targetConcurrency": 1}}
+_SEED_OBJECTS = {"spec.serving.autoscaling": {"maxReplicas": 100, "targetConcurrency": 1},
+                 "spec.serving.feedback.tokenSecretRef": {"name": "labels-token"},
+                 "spec.drift.performance": {"minAccuracy": 0.9, "window": 100000, "minLabels": 1}}
 _EXCLUDES = {"spec.serving.autoscaling.targetCPUUtilization": ("targetConcurrency",)}
 _WRONG_TYPE = {"number": "1", "integer": 1.5, "string": 5, "boolean": "true", "object": [], "array": {}}
 

@@ -31,3 +31,18 @@ async def test_autoscaling_is_logged_as_a_cluster_feature_and_ignored(tmp_path, 
     assert _cluster_only(capsys.readouterr().err) == []
     runner.update(parse_manifest(digits_model("auto", serving={"autoscaling": {**AUTOSCALING, "maxReplicas": 6}})))
     assert len(_cluster_only(capsys.readouterr().err)) == 1  # said again for the generation that sets it
+
+
+async def test_feedback_token_secret_is_a_cluster_feature_and_performance_reaches_local_serving(
+        tmp_path, monkeypatch, capsys):
+    """spec.serving.feedback.tokenSecretRef names a cluster Secret: logged and ignored (the local endpoint listens
+    on 127.0.0.1); spec.drift.performance is taken up by the local server and watcher."""
+    monkeypatch.setenv("KOMPRESSOR_JSON_LOGS", "1")
+    spec = {"serving": {"feedback": {"tokenSecretRef": {"name": "labels-token"}}},
+            "drift": {"enabled": True, "performance": {"minAccuracy": 0.9, "window": 50, "minLabels": 10}}}
+    runner = ModelRunner(parse_manifest(digits_model("perf", **spec)), tmp_path, 18081)
+    [event] = [e for e in _events(capsys.readouterr().err) if "tokenSecretRef" in e["event"]]
+    assert "cluster feature" in event["event"] and event["model"] == "default/perf"
+    assert (runner.serving.performance.min_accuracy, runner.serving.performance.window) == (0.9, 50)
+    runner.update(parse_manifest(digits_model("perf", drift={**spec["drift"], "enabled": False})))
+    assert runner.serving.performance is None  # no watcher: no feedback endpoint either

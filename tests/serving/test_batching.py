@@ -292,6 +292,41 @@ def test_a_hot_swap_while_batching_fails_no_request_and_changes_no_answer(artifa
         server.stop()
 
 
+def test_a_lone_request_is_not_held_for_the_batch_delay_and_the_last_of_a_wave_neither(artifacts, tmp_path):
+    """With nothing else in the server, a request runs at once: with a batch delay of a minute, one client's
+    requests one after another are answered while the first delay would still run; and a concurrent wave is
+    answered whole within it too (the last requests of the wave run once nothing else is coming)."""
+    import aiohttp
+
+    delay_s = 60
+    server = Server(artifacts[1], "mlp", log=tmp_path / "server.log", extra=batching_flags(delay_ms=delay_s * 1000))
+    x = np.random.default_rng(3).normal(size=(1, N_FEATURES)).astype(np.float32)
+    expected = ort_run(artifacts[1], x)
+
+    async def wave():
+        async with aiohttp.ClientSession() as client:
+            async def one():
+                async with client.post(server.infer_url(), json=infer_body(x)) as response:
+                    assert response.status == 200
+                    return np.asarray((await response.json())["outputs"][0]["data"], np.float32)
+            return await asyncio.gather(*(one() for _ in range(3 * MAX_BATCH + 3)))
+
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            status, out = http("POST", server.infer_url(), infer_body(x), timeout=delay_s)
+            assert status == 200, out
+            np.testing.assert_array_equal(np.asarray(out["outputs"][0]["data"], np.float32).reshape(1, -1), expected)
+        assert run_histograms(server, "mlp")["runs"] == 3  # each alone: no one else was there
+        for got in asyncio.run(asyncio.wait_for(wave(), delay_s)):
+            np.testing.assert_array_equal(got.reshape(1, -1), expected)
+        # three lone requests and a wave, all within one batch delay (waiting for it would take 4 of them)
+        assert time.monotonic() - started < delay_s
+        assert run_histograms(server, "mlp")["requests"] == 3 + 3 * MAX_BATCH + 3
+    finally:
+        server.stop()
+
+
 def test_batching_flags_are_checked():
     import subprocess
     import sys

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kompressor.api import defaults as d
 from kompressor.api.manifest import CompressedModel, load_manifests
 from kompressor.api.status import DriftVerdict
 from kompressor.console import log
@@ -344,33 +345,64 @@ def run(args) -> int:
     previous = sink.read()
     if not watcher.online:
         watcher.resume(previous)
+    perf = _performance_watch(cm, args, previous)
+    if previous is not None and previous.reason == d.PERFORMANCE_DRIFT_REASON:
+        previous = None  # the data checks' count is not the performance checks'
     while True:
         if watcher.online:
             if args.once or watcher.has_new_rows():
                 verdict = next_verdict(watcher.check(), previous, args.revision, detector.name)
-                verdict.signal = signal.name
-                if _write(sink, verdict, args.once, watcher):
+                verdict.signal, verdict.reason = signal.name, d.DATA_DRIFT_REASON
+                if _write(sink, verdict, args.once, watcher, perf):
                     previous = verdict
                     _observe(metrics, verdict, args.revision, sink)
         elif args.once or watcher.has_new_rows() or watcher.partial_due():
             windows = watcher.windows()
             if args.once and not windows and not watcher.has_verdict(previous):
                 verdict = watcher.waiting()  # nothing to say yet; a verdict already written is left as it is
-                if _write(sink, verdict, True, watcher):
+                verdict.reason = d.DATA_DRIFT_REASON
+                if _write(sink, verdict, True, watcher, perf):
                     _observe(metrics, verdict, args.revision, sink)
             for window in windows:
                 verdict = watcher.verdict(window)
-                if not _write(sink, verdict, args.once, watcher):
+                verdict.reason = d.DATA_DRIFT_REASON
+                if not _write(sink, verdict, args.once, watcher, perf):
                     break  # not committed: the same window is tested again next time
                 watcher.commit(window, verdict)
                 previous = verdict
                 _observe(metrics, verdict, args.revision, sink)
+        if perf is not None:
+            verdict = perf.check()
+            data = previous.consecutive if previous is not None else 0  # the data checks' count
+            if verdict is not None and _write(sink, verdict, args.once, watcher, shadowed_by=data):
+                perf.commit(verdict)
+                _observe(None, verdict, args.revision, sink)  # logged; the watcher's gauges are the data checks'
         if args.once:
             return 0
         time.sleep(spec.check_interval_seconds)
 
 
-def _write(sink, verdict: DriftVerdict, once: bool, watcher: Watcher) -> bool:
+def _performance_watch(cm: CompressedModel, args, previous: DriftVerdict | None):
+    """spec.drift.performance's checks of the serving process' online accuracy (None when unset)."""
+    url = getattr(args, "serving_metrics_url", None)
+    if cm.spec.drift.performance is None:
+        return None
+    if not url:
+        raise UserError("spec.drift.performance is set: give --serving-metrics-url (the serving process' /metrics)")
+    from kompressor_jobs.drift.performance import PerformanceWatch
+
+    return PerformanceWatch(cm.spec.drift.performance, url, cm.name, args.revision, args.state, previous)
+
+
+def _write(sink, verdict: DriftVerdict, once: bool, watcher: Watcher, perf=None, shadowed_by: int = 0) -> bool:
+    """Write ``verdict`` to the sink. Data and performance verdicts share the one slot (status.drift): a verdict
+    whose stream has fewer drifting windows in a row than the other stream's latest is not written (it would hide
+    the other's count from the hysteresis); its evidence is spent all the same (True)."""
+    other = perf.consecutive if perf is not None else shadowed_by
+    if other > verdict.consecutive:
+        log("drift verdict not published: the other check has more drifting windows in a row", level="debug",
+            reason=verdict.reason, consecutive=verdict.consecutive, other=other)
+        return True
     try:
         sink.write(verdict)
         return True
@@ -388,4 +420,5 @@ def _observe(metrics, verdict: DriftVerdict, revision: int | None, sink) -> None
     log("drift check", outcome=verdict.outcome, p_value=verdict.p_value, distance=verdict.distance,
         samples=verdict.samples, consecutive=verdict.consecutive, revision=revision, signal=verdict.signal,
         first_sequence=verdict.first_sequence, last_sequence=verdict.last_sequence, windows=verdict.windows,
-        dropped_rows=verdict.dropped_rows, sink=str(sink))
+        dropped_rows=verdict.dropped_rows, reason=verdict.reason, accuracy=verdict.accuracy, labels=verdict.labels,
+        sink=str(sink))

@@ -17,8 +17,9 @@ from kompressor.console import log
 from kompressor.errors import UserError
 from kompressor_jobs.capture import CaptureWriter
 from kompressor_jobs.serve import feedback as fb
+from kompressor_jobs.serve import jsonbody
 from kompressor_jobs.serve.batching import DynamicBatcher
-from kompressor_jobs.serve.metrics import ServerMetrics
+from kompressor_jobs.serve.metrics import InFlight, ServerMetrics
 from kompressor_jobs.serve.model import LoadedModel
 from kompressor_jobs.serve.oip import HEADER_LENGTH, BadRequest, InferRequest, decode_request, encode_response
 
@@ -84,10 +85,11 @@ class InferenceServer:
                 rows.observe(n_rows)
                 requests.observe(n_requests)
 
-            self.batcher = DynamicBatcher(self._run_alone, max_batch_size, max_batch_delay_ms / 1000, observe)
+            self.batcher = DynamicBatcher(self._run_alone, max_batch_size, max_batch_delay_ms / 1000, observe,
+                                          in_server=lambda: self.in_flight.count)
         self.metrics.revision.labels(name).set(model.revision)
         self._swap_lock = asyncio.Lock()
-        self.in_flight = self.metrics.in_flight.labels(name)
+        self.in_flight = InFlight(self.metrics.in_flight.labels(name))  # the gauge, and a count the batcher reads
         self.peers = peers  # with --workers: the swap coordinator (kompressor_jobs.serve.workers.Peers)
         self.capture = capture_sink  # with --workers: rows go to the supervisor, which writes them
         if capture and capture_sink is None:
@@ -228,7 +230,7 @@ class InferenceServer:
             model = self._find(request)
             body, binary = _split_body(await self.read_body(request), request.headers.get(HEADER_LENGTH))
             try:
-                header = json.loads(body)
+                header = jsonbody.loads(body)
             except (ValueError, UnicodeDecodeError) as err:
                 raise BadRequest(f"request body is not valid JSON: {err}") from None
             decoded = decode_request(header, model, binary)
@@ -250,8 +252,8 @@ class InferenceServer:
                                            decoded.binary_outputs)
         self.served(model, decoded, names, results, started, REST)
         if not chunks:
-            return web.json_response(response)
-        head = json.dumps(response).encode()
+            return web.Response(body=jsonbody.dumps(response), content_type="application/json", charset="utf-8")
+        head = jsonbody.dumps(response)
         return web.Response(body=b"".join([head, *chunks]), content_type="application/octet-stream",
                             headers={HEADER_LENGTH: str(len(head))})
 

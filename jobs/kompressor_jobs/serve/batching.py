@@ -9,6 +9,11 @@ ONNX Runtime run, and each gets its own rows of the outputs back.
 - **When it runs**: when adding the next request would pass ``max_batch_size`` rows (the batch runs without it,
   never over the size), when it reaches ``max_batch_size`` rows, or ``max_delay`` after its first request came,
   whichever is first. ``max_delay`` 0 still merges the requests decoded in the same event-loop pass.
+- **No waiting in vain**: when nothing else could join -- no run in flight on the model, and every request the
+  server holds (``in_server``: also those whose body is still being read or decoded) already waits in a batch --
+  the batch runs at once (in the next event-loop pass, so requests decoded in the same pass still merge), not
+  ``max_delay`` later: a lone client pays no delay. Requests that come while a run is in flight wait as above,
+  and when the run ends the next batch collects them, again at once if nothing else is on its way.
 - **Failures are not shared**: if the merged run fails (one request holds a value the model rejects), or its
   outputs cannot be split back (an output without the batch dimension), every request of the batch is run
   again on its own, so each gets exactly the answer or error it would have got unbatched.
@@ -42,22 +47,46 @@ class _Batch:
     outputs: list[str] | None
     rows: int = 0
     items: list[tuple[InferRequest, asyncio.Future]] = field(default_factory=list)
-    timer: asyncio.TimerHandle | None = None
+    timer: asyncio.Handle | None = None
+    soon: bool = False  # set to run in the next loop pass (nothing else could join)
 
 
 class DynamicBatcher:
     """Merges concurrent ``run`` calls; ``run_one`` runs one request (or one merged request) on the model and
     raises what the server maps to an error answer (BadRequest, InferenceFailed)."""
 
-    def __init__(self, run_one: RunOne, max_batch_size: int, max_delay_seconds: float, observe=None):
+    def __init__(self, run_one: RunOne, max_batch_size: int, max_delay_seconds: float, observe=None,
+                 in_server: Callable[[], int] | None = None):
         if max_batch_size < 2:
             raise ValueError("a dynamic batcher needs max_batch_size >= 2")
         self.run_one = run_one
         self.max_batch_size = max_batch_size
         self.max_delay = max(0.0, max_delay_seconds)
         self.observe = observe or (lambda rows, requests: None)  # per ONNX Runtime run the batcher makes
+        # the requests the server holds now, whatever their stage (None: only those the batcher has seen count)
+        self.in_server = in_server
         self._pending: dict[tuple, _Batch] = {}
         self._running: set[asyncio.Task] = set()
+        self._runs_on: dict[int, int] = {}  # id(model) -> merged or lone runs of the batcher in flight on it
+
+    def _nothing_else_coming(self, model: LoadedModel) -> bool:
+        """No run in flight on ``model``, and no request in the server that is not waiting in a batch."""
+        if self._runs_on.get(id(model)):
+            return False
+        waiting = sum(len(b.items) for b in self._pending.values())
+        return self.in_server is None or self.in_server() <= waiting
+
+    def _run_now_if_idle(self, model: LoadedModel) -> None:
+        """Every pending batch on ``model`` runs in the next loop pass if nothing else could join it."""
+        if not self._nothing_else_coming(model):
+            return
+        loop = asyncio.get_running_loop()
+        for key, batch in list(self._pending.items()):
+            if batch.model is model and not batch.soon:
+                if batch.timer is not None:
+                    batch.timer.cancel()
+                batch.soon = True
+                batch.timer = loop.call_soon(self._flush, key, batch)
 
     @staticmethod
     def key(model: LoadedModel, request: InferRequest) -> tuple | None:
@@ -89,6 +118,8 @@ class DynamicBatcher:
         batch.rows += rows
         if batch.rows >= self.max_batch_size:
             self._flush(key, batch)
+        else:
+            self._run_now_if_idle(model)
         return await future
 
     def _flush(self, key: tuple, batch: _Batch) -> None:
@@ -97,9 +128,20 @@ class DynamicBatcher:
         if batch.timer is not None:
             batch.timer.cancel()
             batch.timer = None
+        model = id(batch.model)
+        self._runs_on[model] = self._runs_on.get(model, 0) + 1
         task = asyncio.get_running_loop().create_task(self._execute(batch))
         self._running.add(task)
-        task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda done: self._ran(done, batch.model))
+
+    def _ran(self, task: asyncio.Task, model: LoadedModel) -> None:
+        self._running.discard(task)
+        left = self._runs_on.pop(id(model)) - 1
+        if left:
+            self._runs_on[id(model)] = left
+        if any(b.model is model for b in self._pending.values()):
+            # the answered requests leave the server once their handlers have run: look after them
+            asyncio.get_running_loop().call_soon(self._run_now_if_idle, model)
 
     async def _execute(self, batch: _Batch) -> None:
         items = [(r, f) for r, f in batch.items if not f.done()]  # a client gone (gRPC cancels) is not run

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -10,6 +11,25 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+
+
+class InFlight:
+    """The in-flight gauge of one model, and the same count as a plain number the dynamic batcher reads (a
+    request the server holds but the batcher has not seen yet -- its body still being read or decoded -- is
+    one that may join a batch)."""
+
+    def __init__(self, gauge) -> None:
+        self.gauge = gauge
+        self.count = 0
+
+    @contextmanager
+    def track_inprogress(self):
+        self.count += 1
+        try:
+            with self.gauge.track_inprogress():
+                yield
+        finally:
+            self.count -= 1
 
 
 class ServerMetrics:

@@ -144,6 +144,14 @@ DRIFT_ROLLBACK_TO = "previous"
 DRIFT_COOLDOWN_SECONDS = 300
 DRIFT_MAX_RETRAINS = 3
 DRIFT_MAX_AUTO_ACTIONS = 3
+# spec.drift.performance: online accuracy from ground-truth feedback (`kompressor serve --feedback`). A check counts
+# once `window` new labels arrived since the last one (disjoint windows: the server's --feedback-window is `window`);
+# fewer than minLabels labelled predictions in the server's window is Inconclusive, never drift.
+DRIFT_PERFORMANCE_WINDOW = SERVING_FEEDBACK_WINDOW
+DRIFT_PERFORMANCE_MIN_LABELS = 100
+FEEDBACK_TOKEN_SECRET_KEY = "token"  # spec.serving.feedback.tokenSecretRef.key unless given
+PERFORMANCE_DRIFT_REASON = "PerformanceDrift"  # status.drift.reason of an online-accuracy verdict
+DATA_DRIFT_REASON = "DataDrift"  # status.drift.reason of a data (input, output, embedding) verdict
 # The drift watcher Pod (not part of the spec): its Prometheus port (container port "metrics", scraped by
 # the chart's PodMonitor) and its resources.
 DRIFT_METRICS_PORT = 9102

@@ -72,6 +72,13 @@ RULES: tuple[Rule, ...] = (
          "self.categoricalFeatures.all(a, self.categoricalFeatures.filter(b, b.feature == a.feature).size() == 1)",
          ".categoricalFeatures", "categoricalFeatures must name each feature once",
          lambda x: len({c.feature for c in x.categorical_features}) == len(x.categorical_features)),
+    Rule(s.PerformanceDriftSpec, "self.minLabels <= self.window", ".minLabels", "minLabels must be <= window",
+         lambda x: x.min_labels <= x.window),
+    Rule(s.CompressedModelSpec, "!has(self.drift.performance) || (self.serving.replicas <= 1 && "
+         "!has(self.serving.autoscaling))", ".drift.performance",
+         "drift.performance needs one serving replica and no autoscaling (each process remembers only the requests "
+         "it answered)",
+         lambda x: x.drift.performance is None or (x.serving.replicas <= 1 and x.serving.autoscaling is None)),
     Rule(s.CompressedModelSpec, "self.drift.action != 'retrain' || has(self.data.retrain)", ".data.retrain",
          "data.retrain is required when drift.action is retrain",
          lambda x: x.drift.action != "retrain" or x.data.retrain is not None),

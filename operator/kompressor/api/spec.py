@@ -310,6 +310,25 @@ class BatchingSpec:
 
 
 @dataclass
+class SecretKeyRef:
+    """One key of a Secret in the CompressedModel's namespace."""
+
+    name: str = api_field("Secret name.", required=True, min_length=1, max_length=253)
+    key: str = api_field("Key in the Secret.", default=d.FEEDBACK_TOKEN_SECRET_KEY, min_length=1, max_length=253)
+
+
+@dataclass
+class FeedbackSpec:
+    """The ground-truth feedback endpoint (`POST /v2/models/{name}/feedback`), on while spec.drift.performance
+    is set."""
+
+    token_secret_ref: SecretKeyRef | None = api_field(
+        "A bearer token labels must carry (`Authorization: Bearer <token>`): the Secret key is mounted read-only "
+        "into the serving Pod and passed as `kompressor serve --feedback-token-file`; a wrong or missing token gets "
+        "401. Unset: labels need no token (embedded mode always runs without one, on the local machine).")
+
+
+@dataclass
 class ServingSpec:
     """The serving Deployment (ONNX Runtime, Open Inference Protocol v2)."""
 
@@ -325,7 +344,8 @@ class ServingSpec:
         "Server processes per serving Pod (`kompressor serve --workers`), sharing the ports (SO_REUSEPORT), with "
         "ONNX Runtime's threads divided among them. Unset: one per CPU of the container's CPU limit "
         "(resources.limits.cpu, rounded down); one when there is no CPU limit (the default resources), ONNX Runtime "
-        "then using every core of the node in that one process.", default=d.SERVING_WORKERS, minimum=1, maximum=64)
+        "then using every core of the node in that one process. Always 1 while spec.drift.performance is set.",
+        default=d.SERVING_WORKERS, minimum=1, maximum=64)
     batching: BatchingSpec | None = api_field(
         "Dynamic batching of concurrent requests (`kompressor serve --max-batch-size --max-batch-delay-ms`). Unset: "
         "every request runs on its own.")
@@ -334,6 +354,8 @@ class ServingSpec:
         "Unset: a fixed replicas count. With more than one replica, or autoscaling, the operator also keeps a "
         f"PodDisruptionBudget (maxUnavailable {d.SERVING_PDB_MAX_UNAVAILABLE}) and spreads the Pods over nodes "
         "(a soft topologySpreadConstraint on kubernetes.io/hostname).")
+    feedback: FeedbackSpec | None = api_field(
+        "Guarding the ground-truth feedback endpoint, which spec.drift.performance turns on.")
 
 
 @dataclass
@@ -360,6 +382,26 @@ class CategoricalFeature:
     feature: int = api_field("Index of the feature in the flattened input.", required=True, minimum=0)
     categories: int = api_field("Number of categories the feature takes (values 0..categories-1).",
                                 required=True, minimum=2)
+
+
+@dataclass
+class PerformanceDriftSpec:
+    """Performance drift: online accuracy from ground-truth labels that arrive after the predictions
+    (`POST /v2/models/{name}/feedback`). Setting it turns the serving Pod's feedback endpoint on
+    (`kompressor serve --feedback --feedback-window <window>`) and forces one server process per Pod (`--workers
+    1`, whatever serving.workers says: each process remembers only the requests it answered); serving.replicas
+    must be 1 without autoscaling, for the same reason.
+    A check counts once `window` new labels arrived since the last one (each window is fresh, disjoint evidence);
+    accuracy below minAccuracy is a drifting window (reason PerformanceDrift) that goes through the same
+    consecutiveWindows, cooldown, caps and action as data drift."""
+
+    min_accuracy: float = api_field("Online accuracy floor (share of labelled predictions that were right).",
+                                    required=True, minimum=0.0, maximum=1.0)
+    window: int = api_field("Labelled predictions per check (the server's accuracy window).",
+                            default=d.DRIFT_PERFORMANCE_WINDOW, minimum=1, maximum=100000)
+    min_labels: int = api_field("Fewest labelled predictions in the window for a verdict (below: Inconclusive, "
+                                "never drift); at most window.", default=d.DRIFT_PERFORMANCE_MIN_LABELS, minimum=1,
+                                maximum=100000)
 
 
 @dataclass
@@ -404,6 +446,13 @@ class DriftSpec:
     max_retrains: int = api_field("Most automatic retrains.", default=d.DRIFT_MAX_RETRAINS, minimum=0)
     max_auto_actions: int = api_field("After this many automatic actions without a human touching the resource, "
                                       "pause and alert.", default=d.DRIFT_MAX_AUTO_ACTIONS, minimum=1)
+    performance: PerformanceDriftSpec | None = api_field(
+        "Performance drift: act when the online accuracy from ground-truth feedback (POST "
+        "/v2/models/{name}/feedback) falls below a floor, as on data drift (same consecutiveWindows, cooldown, caps "
+        "and action; reason PerformanceDrift). Turns the serving Pod's feedback endpoint on and forces one server "
+        "process per Pod (--workers 1, whatever serving.workers says: a label must reach the process that answered "
+        "the request) and one serving replica without autoscaling (labels sent through the Service would reach a Pod that "
+        "did not answer the request). Unset: only data drift is watched.")
 
 
 @dataclass

@@ -154,6 +154,17 @@ class DriftVerdict:
                                                    "rows captured before it are never tested.", minimum=0)
     dropped_rows: int | None = api_field("Rows the capture's size cap deleted before the watcher read them, "
                                          "since the revision (re)started serving.", minimum=0)
+    reason: str | None = api_field("DataDrift (the detector's test of captured traffic) or PerformanceDrift (online "
+                                   "accuracy from ground-truth feedback, spec.drift.performance).",
+                                   enum=("DataDrift", "PerformanceDrift"))
+    accuracy: float | None = api_field("PerformanceDrift: the serving revision's online accuracy over the labels "
+                                       "window.", minimum=0.0, maximum=1.0)
+    labels: int | None = api_field("PerformanceDrift: labelled predictions in the window.", minimum=0)
+    min_accuracy: float | None = api_field("PerformanceDrift: the floor (spec.drift.performance.minAccuracy).",
+                                           minimum=0.0, maximum=1.0)
+    labels_seen: int | None = api_field("PerformanceDrift: labels the serving process accepted for the revision "
+                                        "up to this check (a window counts once window new ones arrived).",
+                                        minimum=0)
 
 
 @dataclass

@@ -30,7 +30,8 @@ def handle_drift(run: Run) -> None:
         return  # recorded (Drifted condition, drifted_at), not acted on
     entering = st.phase != "DriftDetected"
     if entering:
-        run.event(reasons.DRIFT_DETECTED, reading.message[0].upper() + reading.message[1:], warning=True)
+        reason = reasons.PERFORMANCE_DRIFT_DETECTED if reading.performance else reasons.DRIFT_DETECTED
+        run.event(reason, reading.message[0].upper() + reading.message[1:], warning=True)
     current = st.current_revision
     if drift.action == "alert":
         hold(run, None, f"drift confirmed on revision {current}; action is alert only")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from kompressor.api import defaults as d
 from kompressor.api.spec import CompressedModelSpec
 from kompressor.api.status import CompressedModelStatus, DriftVerdict
 from kompressor.core import revisions, times
@@ -23,6 +24,11 @@ class DriftReading:
     state: DriftState
     message: str
     verdict: DriftVerdict | None = None
+
+    @property
+    def performance(self) -> bool:
+        """Whether the verdict is about online accuracy (spec.drift.performance), not the traffic's data."""
+        return self.verdict is not None and self.verdict.reason == d.PERFORMANCE_DRIFT_REASON
 
 
 def read(spec: CompressedModelSpec, status: CompressedModelStatus) -> DriftReading:
@@ -40,8 +46,13 @@ def read(spec: CompressedModelSpec, status: CompressedModelStatus) -> DriftReadi
     if not verdict.is_drift:
         return DriftReading("clear", f"no drift: {detail}", verdict)
     if verdict.consecutive >= needed:
-        return DriftReading("confirmed", f"drift confirmed on revision {verdict.revision}: {detail}", verdict)
-    return DriftReading("suspected", f"drift suspected, not yet confirmed: {detail}", verdict)
+        return DriftReading("confirmed", f"{_kind(verdict)} confirmed on revision {verdict.revision}: {detail}",
+                            verdict)
+    return DriftReading("suspected", f"{_kind(verdict)} suspected, not yet confirmed: {detail}", verdict)
+
+
+def _kind(verdict: DriftVerdict) -> str:
+    return "performance drift" if verdict.reason == d.PERFORMANCE_DRIFT_REASON else "drift"
 
 
 def _is_current(verdict: DriftVerdict, status: CompressedModelStatus) -> bool:
@@ -60,6 +71,12 @@ def _is_current(verdict: DriftVerdict, status: CompressedModelStatus) -> bool:
 
 def _describe(verdict: DriftVerdict, needed: int) -> str:
     parts = [f"{verdict.consecutive}/{needed} drifting checks in a row"]
+    if verdict.reason == d.PERFORMANCE_DRIFT_REASON:
+        if verdict.accuracy is not None:
+            floor = f" (floor {verdict.min_accuracy:.4g})" if verdict.min_accuracy is not None else ""
+            parts.append(f"online accuracy {verdict.accuracy:.4g}{floor} over {verdict.labels} labels")
+        else:
+            parts.append("no labelled predictions yet")
     if verdict.p_value is not None:
         parts.append(f"p-value {verdict.p_value:.4g}")
     if verdict.detector:

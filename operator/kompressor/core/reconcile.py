@@ -169,6 +169,9 @@ def _refresh_conditions(run: Run) -> None:
         "suspected": ("False", reasons.DRIFT_SUSPECTED),
         "confirmed": ("True", reasons.DRIFT_CONFIRMED),
     }[reading.state]
+    if reading.performance and reading.state in ("suspected", "confirmed"):
+        reason = {"suspected": reasons.PERFORMANCE_DRIFT_SUSPECTED,
+                  "confirmed": reasons.PERFORMANCE_DRIFT_CONFIRMED}[reading.state]
     conditions.put(st, "Drifted", status, reason, reading.message, gen, now)
 
     if current is None:
@@ -177,8 +180,12 @@ def _refresh_conditions(run: Run) -> None:
         reason = st.phase if st.phase in ("Promoting", "RollingBack") else reasons.SERVING_NOT_READY
         conditions.put(st, "Ready", "False", reason, f"serving is not ready at revision {current}", gen, now)
     elif reading.state == "confirmed":
-        conditions.put(st, "Ready", "False", reasons.DRIFT_DETECTED,
-                       f"revision {current} is serving, but its traffic drifted", gen, now)
+        if reading.performance:
+            conditions.put(st, "Ready", "False", reasons.PERFORMANCE_DRIFT_DETECTED,
+                           f"revision {current} is serving, but its online accuracy fell below the floor", gen, now)
+        else:
+            conditions.put(st, "Ready", "False", reasons.DRIFT_DETECTED,
+                           f"revision {current} is serving, but its traffic drifted", gen, now)
     else:
         conditions.put(st, "Ready", "True", reasons.SERVING, f"revision {current} is serving", gen, now)
     for condition in st.conditions:

@@ -74,6 +74,10 @@ def _note_cluster_only(cm: CompressedModel) -> None:
     if cm.spec.serving.autoscaling is not None:
         log("spec.serving.autoscaling is a cluster feature (a HorizontalPodAutoscaler and a PodDisruptionBudget "
             "for the serving Deployment): the embedded mode serves one process and ignores it", model=cm.key)
+    if cm.spec.serving.feedback is not None and cm.spec.serving.feedback.token_secret_ref is not None:
+        log("spec.serving.feedback.tokenSecretRef is a cluster feature (a Secret mounted into the serving Pod): the "
+            "embedded mode's feedback endpoint listens on 127.0.0.1 only and takes labels without a token",
+            model=cm.key)
 
 
 class ModelRunner:
@@ -91,7 +95,8 @@ class ModelRunner:
         _note_cluster_only(self.cm)
         self.jobs = LocalJobs(self.files.jobs, self.files.logs, self.poke, self._job_output)
         self.serving = LocalServing(cm.name, port, self.files, self.poke, grpc_port=cm.spec.serving.grpc_port,
-                                    workers=cm.spec.serving.workers, batching=cm.spec.serving.batching)
+                                    workers=cm.spec.serving.workers, batching=cm.spec.serving.batching,
+                                    performance=cm.spec.drift.performance if cm.spec.drift.enabled else None)
         self._reports: dict[int, tuple[float, EvalReport]] = {}
         self._verdict_text: str | None = None
         self.task: asyncio.Task | None = None
@@ -140,6 +145,7 @@ class ModelRunner:
         serving = self.cm.spec.serving  # taken up when the server (re)starts
         self.serving.grpc_port, self.serving.workers, self.serving.batching = (serving.grpc_port, serving.workers,
                                                                                serving.batching)
+        self.serving.performance = self.cm.spec.drift.performance if self.cm.spec.drift.enabled else None
         if self.cm.generation != before.generation:
             log("spec changed", model=self.key, generation=self.cm.generation)
             _note_cluster_only(self.cm)

@@ -46,12 +46,15 @@ class _Backoff:
 
 class LocalServing:
     def __init__(self, name: str, port: int, files: ModelDir, changed: Callable[[], None],
-                 grpc_port: int | None = None, workers: int | None = None, batching=None):
+                 grpc_port: int | None = None, workers: int | None = None, batching=None, performance=None):
         self.name = name
         self.port = port
         self.grpc_port = grpc_port  # spec.serving.grpcPort, as given (the embedded mode assigns only REST ports)
         self.workers = workers  # spec.serving.workers (None: one per CPU of this machine's container limit)
         self.batching = batching  # spec.serving.batching
+        # spec.drift.performance: the feedback endpoint on (one worker), its accuracy read by the watcher; no token
+        # (spec.serving.feedback.tokenSecretRef is a cluster Secret; here the server is on this machine)
+        self.performance = performance
         self.files = files
         self.changed = changed
         self.server: Child | None = None
@@ -88,7 +91,8 @@ class LocalServing:
             self._later(wait)
             return
         argv = commands.serve_argv(str(artifact_dir), self.name, self.port, str(self.files.capture), host=HOST,
-                                   grpc_port=self.grpc_port, workers=self.workers, batching=self.batching)
+                                   grpc_port=self.grpc_port, workers=self.workers, batching=self.batching,
+                                   performance=self.performance)
         self.server = Child(argv, self.files.logs / "serving.log")
         self.server_target, self.served_revision, self.ready = target, None, False
         await self.server.start()
@@ -156,6 +160,7 @@ class LocalServing:
             str(spec_file), str(self.files.capture), str(self.files.verdict), action.revision,
             reference=action.drift_reference, state=str(self.files.drift_state / f"r{action.revision}"),
             artifact=str(resolve_local(action.artifact.uri)),
+            serving_metrics_url=f"{self.url}/metrics" if self.performance is not None else None,
         )
         self.files.capture.mkdir(parents=True, exist_ok=True)
         self.watcher, self.watcher_key = Child(argv, self.files.logs / "drift-watcher.log"), key

@@ -170,11 +170,18 @@ def job(cm: CompressedModel, action: RunJob, store: PodStore) -> dict:
     }
 
 
+FEEDBACK_TOKEN_MOUNT = "/var/run/kompressor/feedback-token"  # spec.serving.feedback.tokenSecretRef, read-only
+
+
 def serving_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> dict:
     serving = cm.spec.serving
     capture = store.path(CAPTURE_KEY.format(namespace=cm.namespace, name=cm.name))
+    performance = cm.spec.drift.performance if cm.spec.drift.enabled else None
+    token = serving.feedback.token_secret_ref if serving.feedback is not None and performance is not None else None
     argv = commands.serve_argv(pod_path_of(action.artifact.uri), cm.name, serving.port, capture,
-                               grpc_port=serving.grpc_port, workers=serving.workers, batching=serving.batching)
+                               grpc_port=serving.grpc_port, workers=serving.workers, batching=serving.batching,
+                               performance=performance,
+                               feedback_token_file=f"{FEEDBACK_TOKEN_MOUNT}/{token.key}" if token else None)
     meta = _metadata(cm, names.serving_name(cm.name), "serving", action.revision)
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
     container = {
@@ -185,7 +192,13 @@ def serving_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> d
         "resources": _resources(serving.resources, d.SERVING_RESOURCES), "volumeMounts": [store.mount],
     }
     _checkov_skips(meta, container)
-    body = _deployment(meta, serving.replicas, "serving", container, [store.volume], sha256=action.artifact.sha256)
+    volumes = [store.volume]
+    if token is not None:  # spec.serving.feedback.tokenSecretRef: the one key, read-only
+        volumes.append({"name": "feedback-token", "secret": {"secretName": token.name, "defaultMode": 0o400,
+                                                              "items": [{"key": token.key, "path": token.key}]}})
+        container["volumeMounts"].append({"name": "feedback-token", "mountPath": FEEDBACK_TOKEN_MOUNT,
+                                          "readOnly": True})
+    body = _deployment(meta, serving.replicas, "serving", container, volumes, sha256=action.artifact.sha256)
     return scaling.shape_deployment(cm, body)  # replicas or an HPA, spreading, a CPU request for a CPU target
 
 
@@ -194,7 +207,9 @@ def watcher_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> d
     argv = commands.watcher_argv(
         f"{SPEC_MOUNT}/{SPEC_FILE}", store.path(CAPTURE_KEY.format(**key)), f"k8s://{cm.namespace}/{cm.name}",
         action.revision, reference=action.drift_reference, state=store.path(DRIFT_STATE_KEY.format(**key)),
-        metrics_port=d.DRIFT_METRICS_PORT, artifact=pod_path_of(action.artifact.uri))
+        metrics_port=d.DRIFT_METRICS_PORT, artifact=pod_path_of(action.artifact.uri),
+        serving_metrics_url=(f"http://{names.serving_name(cm.name)}.{cm.namespace}.svc:{cm.spec.serving.port}/metrics"
+                             if cm.spec.drift.performance is not None else None))
     spec_volume, spec_mount = _spec_volume(cm)
     meta = _metadata(cm, names.watcher_name(cm.name), "drift-watcher", action.revision)
     # The metrics server starts once the detector is built (importing Alibi Detect and loading the
