@@ -714,7 +714,7 @@ Notes on the load benchmark:
   default threads, or one thread), on REST JSON; peers, REST JSON against REST JSON at the same worker count, the
   lower of the KServe and MLServer ratios; the "best protocol" column is what a client free to choose gRPC or
   binary tensors gets against the best peer row.
-- MLServer parses JSON with orjson; `kompressor serve` and the bare aiohttp server use Python's `json`, whose
+- MLServer parses JSON with orjson; the bare aiohttp server uses Python's `json` (as `kompressor serve` did until it moved to orjson), whose
   decoding is the largest single part of a batch-32 JSON request (25,088 numbers): likely where MLServer's REST
   JSON rows gain at batch 32. The binary and gRPC rows skip JSON for the tensors altogether.
 - ORT's default in one process is one intra-op thread per core; on a machine whose load average is above its core

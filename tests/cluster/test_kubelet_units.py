@@ -70,7 +70,8 @@ def test_shim_points_the_in_cluster_loader_at_the_pod_service_account(tmp_path):
     (folder / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
     code = ("import json; from kubernetes import client, config; c = client.Configuration(); "
             "config.load_incluster_config(client_configuration=c); "
-            "print(json.dumps([c.host, c.get_api_key_with_prefix('BearerToken')]))")
+            "print(json.dumps([c.host, c.get_api_key_with_prefix('BearerToken') "
+                "or c.get_api_key_with_prefix('authorization')]))")  # kubernetes 37 / 36 and older
     host, auth = json.loads(_run_in_pod(code, {
         "PROCESS_KUBELET_POD_ROOT": str(tmp_path), "KUBERNETES_SERVICE_HOST": "127.0.0.1",
         "KUBERNETES_SERVICE_PORT": "6443"}))

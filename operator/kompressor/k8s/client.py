@@ -74,8 +74,8 @@ class ApiClient:
         about a millisecond per API call otherwise. Rotated tokens stay valid far longer than that."""
         now = time.monotonic()
         if self._auth is None or now - self._auth[0] > AUTH_TTL_SECONDS:
-            # kubernetes >= 36 keeps the bearer token (in-cluster, kubeconfig tokens) under "BearerToken";
-            # older clients under "authorization" (as Kopf's login_via_client reads it).
+            # kubernetes >= 37 keeps the bearer token (in-cluster, kubeconfig tokens) under "BearerToken";
+            # 36 and older under "authorization" (as Kopf's login_via_client reads it).
             cfg = self._cfg
             self._auth = (now, cfg.get_api_key_with_prefix("BearerToken") or cfg.get_api_key_with_prefix("authorization"))
         return self._auth[1]
