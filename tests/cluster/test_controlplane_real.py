@@ -71,7 +71,7 @@ def test_rbac_is_enforced_for_a_service_account_token(cluster, api_client, core)
     conf = client.Configuration()
     conf.host = api_client.configuration.host
     conf.ssl_ca_cert = api_client.configuration.ssl_ca_cert
-    conf.api_key = {"authorization": f"Bearer {token}"}
+    conf.api_key = {"BearerToken": f"Bearer {token}", "authorization": f"Bearer {token}"}  # 37 and 36
     as_nobody = client.ApiClient(conf)
     review = client.AuthenticationV1Api(as_nobody).create_self_subject_review({})
     assert review.status.user_info.username == f"system:serviceaccount:{NAMESPACE}:nobody"

@@ -39,3 +39,21 @@ async def test_the_bearer_token_is_sent():
     finally:
         await runner.cleanup()
     assert seen == ["bearer the-token"]
+
+
+def test_the_generated_client_sends_the_token_a_kubeconfig_gives(tmp_path, monkeypatch):
+    """kubernetes 36's loaders store the token under "authorization", its generated client sends only
+    "BearerToken": the drift sink (a generated CustomObjectsApi) called as system:anonymous."""
+    from kompressor.k8s.client import load_configuration
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        "clusters: [{name: k, cluster: {server: 'https://127.0.0.1:6443', insecure-skip-tls-verify: true}}]\n"
+        "users: [{name: u, user: {token: the-token}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "")  # not in a Pod
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    cfg = load_configuration()
+    sent = {s["key"]: s["value"] for s in cfg.auth_settings().values() if s["in"] == "header"}
+    assert sent == {"authorization": "Bearer the-token"}

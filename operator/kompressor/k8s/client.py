@@ -34,7 +34,26 @@ def load_configuration():
         config.load_incluster_config(client_configuration=cfg)
     except config.ConfigException:
         config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=cfg)
+    _bearer_token_under_both_keys(cfg)
     return cfg
+
+
+def _bearer_token_under_both_keys(cfg) -> None:
+    """kubernetes 36's loaders put the bearer token under api_key["authorization"] while its generated
+    client sends only api_key["BearerToken"] (37 fixed both ends), so a generated client of 36 would call
+    in-cluster as system:anonymous. Keep the token under both keys, also after the loader's refresh hook
+    re-reads a rotated token."""
+    loader_hook = cfg.refresh_api_key_hook
+
+    def sync(c) -> None:
+        if loader_hook is not None:
+            loader_hook(c)
+        token = c.api_key.get("BearerToken") or c.api_key.get("authorization")
+        if token:
+            c.api_key["BearerToken"] = c.api_key["authorization"] = token
+
+    sync(cfg)
+    cfg.refresh_api_key_hook = sync
 
 
 AUTH_TTL_SECONDS = 10.0  # how long the Authorization header is reused before the credentials are read again
