@@ -73,16 +73,17 @@ def test_nodes_are_registered_ready_with_capacity_taints_and_leases(cluster, api
 
 SCRIPT = r"""
 import json, os, pathlib, ssl, urllib.request
-from kubernetes import client, config
+from kubernetes import client
 out = {"env": {k: os.environ.get(k) for k in ("POD_NAME", "POD_IP", "NODE", "FROM_CM", "FROM_SECRET", "LIMIT")}}
 # Paths reach a process through its argv and env (there the kubelet maps them into the Pod's root).
 out["file"] = pathlib.Path(os.environ["SETTINGS"], "greeting").read_text()
 pathlib.Path(os.environ["SCRATCH"], "x").write_text("written")
 out["scratch"] = pathlib.Path(os.environ["SCRATCH"], "x").read_text()
 out["namespace"] = pathlib.Path(os.environ["SA"], "namespace").read_text()
-cfg = client.Configuration()
-config.load_incluster_config(client_configuration=cfg)
-api = client.ApiClient(cfg)
+# The loader our jobs use in a Pod (kubernetes 36's own in-cluster loader and generated client disagree on
+# where the token goes, so its bare pair calls as system:anonymous).
+from kompressor.k8s.client import load_configuration
+api = client.ApiClient(load_configuration())
 review = client.AuthenticationV1Api(api).create_self_subject_review(
     {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"})
 out["user"] = review.status.user_info.username
