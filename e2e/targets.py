@@ -316,8 +316,10 @@ class ClusterTarget:
 
     def diagnostics(self) -> str:
         if self.local is not None:
+            # the drift watcher's own log apart: the serving Pods' access lines would push it out of the tail
             return (self.local.pod_logs(self.namespace, "kompressor")[-4000:] + "\n"
-                    + self.local.pod_logs(self.namespace, NAME_PREFIX)[-4000:] + "\n" + self.local.diagnostics())
+                    + self.local.pod_logs(self.namespace, f"{NAME_PREFIX}-drift")[-3000:] + "\n"
+                    + self.local.pod_logs(self.namespace, NAME_PREFIX)[-3000:] + "\n" + self.local.diagnostics())
         return "see `kubectl -n kompressor-system logs deploy/kompressor-operator` and the model's Events"
 
 

@@ -657,9 +657,10 @@ class PodWorker:
             if c.termination is not None:  # its folder at a path no volume can hide (a volume at /tmp, say)
                 mounts.append((f"{STAGE}/termination", c.termination.parent))
             n, stage = len(mounts), STAGE
-            script = "".join(f'mkdir -p {stage}/{i} && mount --bind "${i + 1 + n}" {stage}/{i} && ' for i in range(n))
-            script += "".join(f'mkdir -p "${i + 1}" && mount --bind {stage}/{i} "${i + 1}" && ' for i in range(n))
-            script += f'cd "${2 * len(mounts) + 1}" && shift {2 * len(mounts) + 1} && exec "$@"'
+            # ${N}, not $N: sh reads "$10" as "$1" followed by "0"
+            script = "".join(f'mkdir -p {stage}/{i} && mount --bind "${{{i + 1 + n}}}" {stage}/{i} && ' for i in range(n))
+            script += "".join(f'mkdir -p "${{{i + 1}}}" && mount --bind {stage}/{i} "${{{i + 1}}}" && ' for i in range(n))
+            script += f'cd "${{{2 * len(mounts) + 1}}}" && shift {2 * len(mounts) + 1} && exec "$@"'
             argv = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", script, "sh",
                     *[m for m, _ in mounts], *[str(local) for _, local in mounts], workdir, *argv]
             cwd = str(self.dir)
