@@ -1,5 +1,5 @@
 """Operator latency and memory on the real control plane of e2e/cluster (kube-apiserver, etcd,
-controller-manager, scheduler from the Kubernetes Go modules), the counterpart of bench/operator.py
+controller-manager, scheduler from the Kubernetes Go modules), the counterpart of bench/operator_emulator.py
 (which measures against the loopback emulator).
 
 For each size: a fresh control plane (no kubelet, so no Nodes: the Job controller makes each Job's Pod
@@ -12,8 +12,8 @@ operator's RSS is read once every Job exists and the cluster has settled for 10 
     python bench/operator_real.py [--sizes 10 200 1000] [--json FILE] [--emulator-json FILE] [--out DOC.md]
     python bench/operator_real.py --from-json FILE [--emulator-json FILE] [--out DOC.md]   # re-render only
 
-``--out`` rewrites this benchmark's section of DOC.md (between its markers; bench/operator.py writes
-its own); ``--emulator-json`` (the rows bench/operator.py wrote with ``--json`` in the same session)
+``--out`` rewrites this benchmark's section of DOC.md (between its markers; bench/operator_emulator.py writes
+its own); ``--emulator-json`` (the rows bench/operator_emulator.py wrote with ``--json`` in the same session)
 adds the side-by-side table.
 """
 
@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "e2e" / "cluster"))
 sys.path.insert(0, str(REPO / "tests"))
 
+import doc_sections  # noqa: E402  (bench/doc_sections.py, beside this script)
 import kubelet as k  # noqa: E402  (e2e/cluster/kubelet.py: its small API client)
 import local  # noqa: E402  (e2e/cluster/local.py)
 
@@ -50,7 +51,7 @@ BEGIN, END = "<!-- bench/operator_real.py:begin -->", "<!-- bench/operator_real.
 
 
 def percentile(values: list[float], q: float) -> float:
-    """numpy's percentile (linear interpolation), as bench/operator.py computes it."""
+    """numpy's percentile (linear interpolation), as bench/operator_emulator.py computes it."""
     import numpy as np
 
     return float(np.percentile(np.asarray(values, dtype=float), q))
@@ -235,7 +236,7 @@ def render(rows: list[dict], emulator: list[dict] | None = None) -> str:
               "Job, an Event); its handlers skip events that change nothing the reconcile reads."]
     if emulator:
         emu = {r["n"]: r for r in emulator}
-        lines += ["", "Side by side with bench/operator.py's emulator run of the same session (the emulator's "
+        lines += ["", "Side by side with bench/operator_emulator.py's emulator run of the same session (the emulator's "
                   "latencies are its own timestamps of the two writes, so they leave out watch delivery):", "",
                   "| CRs | p95, real control plane | p95, emulator | operator CPU, real | operator CPU, emulator "
                   "| operator RSS, real | operator RSS, emulator |", "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -253,12 +254,7 @@ def _versions(*packages: str) -> str:
 
 
 def write_section(doc: Path, section: str) -> None:
-    """Replace this benchmark's part of the doc (between its markers); the rest is kept."""
-    text = doc.read_text() if doc.exists() else "# Operator benchmarks\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    doc.write_text(f"{head}{BEGIN}\n{section.strip()}\n{END}{rest.split(END, 1)[1]}")
+    doc_sections.write_section(doc, BEGIN, END, section, title="# Operator benchmarks")
 
 
 async def measure_all(sizes: list[int], keep: bool) -> list[dict]:
@@ -285,7 +281,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 200, 1000])
     parser.add_argument("--json", help="write the rows here too (JSON)")
-    parser.add_argument("--emulator-json", help="bench/operator.py's rows of the same session (--json there)")
+    parser.add_argument("--emulator-json", help="bench/operator_emulator.py's rows of the same session (--json there)")
     parser.add_argument("--out", help="rewrite this benchmark's section of this Markdown file")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs)")
     parser.add_argument("--from-json", help="measure nothing: render the rows a run wrote with --json")

@@ -1,7 +1,7 @@
 """A loopback Kubernetes API for the operator's fast tests: kmock 0.8's KubernetesEmulator plus what
 the operator and Kopf cannot run without. The truth is the real control plane of e2e/cluster
 (tests/cluster, the e2e ``cluster`` target); the emulator stays for speed: the operator-level tests
-(tests/operator, the e2e ``emulator`` target, bench/operator.py) start in a second, with no Go build,
+(tests/operator, the e2e ``emulator`` target, bench/operator_emulator.py) start in a second, with no Go build,
 and record every write with its time.
 
 What it still adds to kmock, each shown needed in tests/operator/test_emulator_harness.py:

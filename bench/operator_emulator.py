@@ -7,7 +7,7 @@ Measures, with the real `kompressor operator` process (Kopf) against tests/suppo
    A tiny fake controller completes Jobs (writing a synthetic metrics.json) and marks
    Deployments ready, so resources reach Serving without running real jobs.
 
-    python bench/operator.py [--sizes 10 200 1000] [--rollbacks 50] [--json FILE] [--out docs/benchmarks/operator.md]
+    python bench/operator_emulator.py [--sizes 10 200 1000] [--rollbacks 50] [--json FILE] [--out docs/benchmarks/operator.md]
 
 ``--out`` rewrites this benchmark's section of the file (between its markers; bench/operator_real.py,
 the same measurement on the real control plane, writes its own and, given ``--json``'s file, the
@@ -32,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+import doc_sections  # noqa: E402  (bench/doc_sections.py, beside this script)
 from kompressor.api.report import EvalReport  # noqa: E402
 from kompressor.api.status import Artifact, Gates, Metrics  # noqa: E402
 from kompressor.core import names  # noqa: E402
@@ -39,7 +40,7 @@ from kompressor.store import open_store  # noqa: E402
 from support.cluster import Cluster, digits_model  # noqa: E402
 
 MERGE = {"Content-Type": "application/merge-patch+json"}
-BEGIN, END = "<!-- bench/operator.py:begin -->", "<!-- bench/operator.py:end -->"
+BEGIN, END = "<!-- bench/operator_emulator.py:begin -->", "<!-- bench/operator_emulator.py:end -->"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -180,11 +181,11 @@ async def rollback_latency(count: int, workdir: Path) -> dict:
 def render(rows: list[dict], rollback: dict) -> str:
     loads = [row[key] for row in rows for key in ("load_before", "load_after")]
     lines = [
-        "## Operator against the emulator (bench/operator.py)", "",
+        "## Operator against the emulator (bench/operator_emulator.py)", "",
         "Real `kompressor operator` (Kopf) process against the loopback API emulator of tests/support "
         "(kmock), on this 2-core machine shared with other work (1-minute load average "
         f"{min(loads):.1f} to {max(loads):.1f} during the creation runs); the emulator runs in the benchmark "
-        "process. Latencies use the emulator's own timestamps of the two writes. `python bench/operator.py "
+        "process. Latencies use the emulator's own timestamps of the two writes. `python bench/operator_emulator.py "
         f"--sizes {' '.join(str(row['n']) for row in rows)} --rollbacks {rollback['count']}`.", "",
         "| CRs created at once | CR → pruning Job p50 | p95 | max | all Jobs created after | operator RSS "
         "| operator CPU | emulator CPU | load avg before → after |",
@@ -251,12 +252,7 @@ async def main() -> None:
 
 
 def write_section(doc: Path, section: str) -> None:
-    """Replace this benchmark's part of the doc (between its markers); the rest is kept."""
-    text = doc.read_text() if doc.exists() else "# Operator benchmarks\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    doc.write_text(f"{head}{BEGIN}\n{section.strip()}\n{END}{rest.split(END, 1)[1]}")
+    doc_sections.write_section(doc, BEGIN, END, section, title="# Operator benchmarks")
 
 
 if __name__ == "__main__":
