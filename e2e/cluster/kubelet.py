@@ -186,6 +186,21 @@ def expand(value: str, env: dict[str, str]) -> str:
 # --- the Pod's file system view ----------------------------------------------------------------
 
 
+# What stands for the image: this interpreter's environment and the repository (the venv's editable
+# install points into it). A volume mounted over a folder that holds them (an emptyDir at /tmp, with the
+# checkout under /tmp) would hide the container's own program, so they are bound back over it.
+IMAGE_PATHS = tuple(dict.fromkeys(Path(p).resolve() for p in (sys.prefix, sys.base_prefix, Path(__file__).parents[2])))
+
+
+def _image_binds(mounts: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """(path, path) binds, after the volume mounts, for each image path a mountPath would hide."""
+    targets = [Path(target) for target, _ in mounts]
+    hidden = [path for path in IMAGE_PATHS if any(path == t or t in path.parents for t in targets)]
+    return [(str(path), path) for path in sorted(hidden, key=lambda p: len(p.parts))]  # parents first
+
+
+
+
 class PodRoot:
     """A folder standing for the container's ``/``: every mountPath in it is a symlink to its volume;
     absolute paths under (or above) a mountPath are rewritten into it."""
@@ -651,7 +666,7 @@ class PodWorker:
         env["PROCESS_KUBELET_POD_IP"] = self.ip
         if MOUNT_NAMESPACES:
             # Real mounts at the real paths, in a mount namespace of the process's own: no rewriting.
-            mounts = self._mounts(spec)
+            mounts = self._mounts(spec) + _image_binds(self._mounts(spec))
             # Every source is first bound under a staging folder, so that mounting a target (e.g. /tmp)
             # cannot hide a source that lives below it (the kubelet's state dir may be under /tmp).
             if c.termination is not None:  # its folder at a path no volume can hide (a volume at /tmp, say)

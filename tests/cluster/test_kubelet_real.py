@@ -260,3 +260,22 @@ def test_a_second_kubelet_gives_its_pods_addresses_of_its_own(core, cluster, tmp
         second.terminate()
         second.wait(30)
         core.delete_node("second-cpu")
+
+
+def test_a_volume_over_the_checkout_does_not_hide_the_containers_program(core, cluster):
+    """The repository and its venv stand for the image. An emptyDir mounted over a folder that holds them
+    (the chart's emptyDir at /tmp, with the checkout under /tmp) must not hide the container's program."""
+    repo = Path(__file__).resolve().parents[2]
+    if repo.parent == Path("/"):
+        pytest.skip("the checkout sits at the root: no folder above it to mount over")
+    script = ("import pathlib, sys, kompressor; "
+              f"pathlib.Path({str(repo.parent)!r}, 'scratch').write_text('x'); print('ran', kompressor.__name__)")
+    core.create_namespaced_pod(NAMESPACE, _pod(
+        "covered", script, container={"volumeMounts": [{"name": "scratch", "mountPath": str(repo.parent)}]},
+        volumes=[{"name": "scratch", "emptyDir": {}}]))
+    wait(lambda: _phase(core, "covered") in ("Succeeded", "Failed"), 60, "the covered Pod to finish",
+         cluster.diagnostics)
+    logs = cluster.pod_logs(NAMESPACE, "covered")
+    assert _phase(core, "covered") == "Succeeded", logs
+    assert "ran kompressor" in logs
+    assert not (repo.parent / "scratch").exists(), "the write went to the volume, not to the host's folder"
