@@ -141,3 +141,60 @@ class Server:
                 self.process.wait()
         if self._log_fh is not subprocess.DEVNULL:
             self._log_fh.close()
+
+
+def load_body(artifact: Path, sha256: str | None = "manifest") -> dict:
+    """A repository load request for ``artifact``: with the sha256 its manifest gives (or the one given, or
+    none when ``sha256`` is None)."""
+    parameters = {"artifact": str(artifact)}
+    if sha256 == "manifest":
+        sha256 = json.loads((artifact / "manifest.json").read_text())["files"]["model.onnx"]
+    if sha256 is not None:
+        parameters["sha256"] = sha256
+    return {"parameters": parameters}
+
+
+def swaps_under_load(server: "Server", loads: list[dict], x: np.ndarray, clients: int = 6, per_step: int = 20,
+                     fresh_connections: bool = False, timeout: float = 60.0):
+    """Clients post ``x`` to the server back to back while the ``loads`` (load request bodies) are sent one
+    by one, each once ``per_step`` more answers came from the revision being served, and once more at the
+    end. ``fresh_connections``: one connection per request, so the kernel spreads them over workers.
+    Returns the answers [(status, headers, body)], the loads' answers [(status, body)] and the clients'
+    outcomes (None, or the exception a client ended with)."""
+    import asyncio
+
+    import aiohttp
+
+    load_url = f"{server.url}/v2/repository/models/{server.name}/load"
+
+    async def scenario():
+        results, stop = [], asyncio.Event()
+
+        async def client_loop():
+            connector = aiohttp.TCPConnector(force_close=True) if fresh_connections else None
+            async with aiohttp.ClientSession(connector=connector) as client:
+                while not stop.is_set():
+                    async with client.post(server.infer_url(), json=infer_body(x)) as response:
+                        results.append((response.status, response.headers, await response.json()))
+
+        async def served_by(version: str) -> None:
+            start, deadline = len(results), time.monotonic() + timeout
+            while sum(1 for _, _, body in results[start:] if body.get("model_version") == version) < per_step:
+                if time.monotonic() > deadline or any(t.done() for t in tasks):
+                    raise AssertionError(f"no traffic answered by version {version}")
+                await asyncio.sleep(0.01)
+
+        tasks = [asyncio.create_task(client_loop()) for _ in range(clients)]
+        swaps, current = [], "1"
+        async with aiohttp.ClientSession() as admin:
+            for body in loads:
+                await served_by(current)  # traffic flows on the current revision before each swap
+                async with admin.post(load_url, json=body) as response:
+                    swaps.append((response.status, await response.json()))
+                if response.status == 200:
+                    current = swaps[-1][1]["version"]
+            await served_by(current)
+        stop.set()
+        return results, swaps, await asyncio.gather(*tasks, return_exceptions=True)
+
+    return asyncio.run(scenario())

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 from kompressor.store import write_manifest
 from kompressor_jobs import capture
-from serving_support import N_FEATURES, Server, http, infer_body, metric_value, ort_run
+from serving_support import N_FEATURES, Server, http, infer_body, load_body, metric_value, ort_run, swaps_under_load
 from support.polling import wait
 from test_serve_inputs import arrays, body, build, direct
 
@@ -240,45 +240,16 @@ def test_a_request_the_model_rejects_fails_alone_and_the_others_of_its_run_succe
 
 
 def test_a_hot_swap_while_batching_fails_no_request_and_changes_no_answer(artifacts, tmp_path):
-    import aiohttp
-
     server = Server(artifacts[1], "mlp", capture=tmp_path / "capture", log=tmp_path / "server.log",
                     extra=batching_flags(delay_ms=5))
     x = np.random.default_rng(9).normal(size=(2, N_FEATURES)).astype(np.float32)
     expected = {str(r): ort_run(artifacts[r], x) for r in (1, 2)}
-    load_url = f"{server.url}/v2/repository/models/mlp/load"
-
-    async def scenario():
-        results, stop = [], asyncio.Event()
-        async with aiohttp.ClientSession() as client:
-            async def client_loop():
-                while not stop.is_set():
-                    async with client.post(server.infer_url(), json=infer_body(x)) as response:
-                        results.append((response.status, await response.json()))
-
-            async def served_by(version: str, count: int = 20) -> None:
-                start, deadline = len(results), time.monotonic() + 30
-                while sum(1 for _, b in results[start:] if b.get("model_version") == version) < count:
-                    assert time.monotonic() < deadline and not any(t.done() for t in tasks), version
-                    await asyncio.sleep(0.01)
-
-            tasks = [asyncio.create_task(client_loop()) for _ in range(12)]
-            swaps, current = [], "1"
-            for revision in (2, 1, 2):
-                await served_by(current)
-                sha = json.loads((artifacts[revision] / "manifest.json").read_text())["files"]["model.onnx"]
-                async with client.post(load_url, json={"parameters": {"artifact": str(artifacts[revision]),
-                                                                      "sha256": sha}}) as response:
-                    swaps.append(response.status)
-                current = str(revision)
-            await served_by(current)
-            stop.set()
-            await asyncio.gather(*tasks)
-        return results, swaps
 
     try:
-        results, swaps = asyncio.run(scenario())
-        assert swaps == [200, 200, 200]
+        answers, swaps, _ = swaps_under_load(server, [load_body(artifacts[r]) for r in (2, 1, 2)], x, clients=12,
+                                             timeout=30.0)
+        results = [(status, body) for status, _, body in answers]
+        assert [status for status, _ in swaps] == [200, 200, 200], swaps
         assert not [r for r in results if r[0] != 200], [r for r in results if r[0] != 200][:3]
         assert {b["model_version"] for _, b in results} == {"1", "2"}
         for _, b in results:  # exactly the output of the revision the answer names

@@ -3,17 +3,16 @@ capture, a bad-input corpus, and hot swaps under concurrent load."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from kompressor_jobs import capture
-from serving_support import N_FEATURES, Server, http, infer_body, metric_value, ort_run
+from support.polling import wait
+from serving_support import N_FEATURES, Server, http, infer_body, load_body, metric_value, ort_run, swaps_under_load
 
 pytestmark = pytest.mark.slow
 
@@ -30,23 +29,14 @@ def settled(server) -> int:
         served = metric_value(text, "kompressor_inference_batch_size_sum", model=server.name)
         return metric_value(text, "kompressor_capture_rows_total", model=server.name) == served
 
-    wait_for(done, what="capture to catch up")
+    wait(done, 20, "capture to catch up", interval=0.02)
     return len(captured(server.capture))
 
 
-def at_least(folder, n: int, revision=None) -> np.ndarray | None:
+def at_least(folder, n: int, revision=None) -> list[np.ndarray] | None:
+    """The captured rows once there are ``n`` (a list, so that polling can test it for truth), else None."""
     rows = captured(folder, revision)
-    return rows if len(rows) >= n else None
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if isinstance(value, np.ndarray) or value:  # an array is returned only once it is complete
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    return list(rows) if len(rows) >= n else None
 
 
 def test_server_and_model_metadata(server, artifacts):
@@ -106,7 +96,7 @@ def test_successful_inputs_are_captured_in_order(server):
     batches = [rng.normal(size=(n, N_FEATURES)).astype(np.float32) for n in (1, 5, 3)]
     for x in batches:
         assert http("POST", server.infer_url(), infer_body(x))[0] == 200
-    rows = wait_for(lambda: at_least(server.capture, before + 9), what="captured rows")
+    rows = wait(lambda: at_least(server.capture, before + 9), 20, "captured rows", interval=0.02)
     np.testing.assert_array_equal(rows[before:before + 9], np.concatenate(batches))
     assert metric_value(server.metrics(), "kompressor_capture_rows_total", model="mlp") >= before + 9
 
@@ -175,7 +165,7 @@ def test_bad_input_corpus_gets_4xx_and_is_never_captured(server):
     # a good request still works, and only its row is captured
     x = np.full((1, N_FEATURES), 0.125, np.float32)
     assert http("POST", server.infer_url(), infer_body(x))[0] == 200
-    rows = wait_for(lambda: at_least(server.capture, before_rows + 1), what="the good row")
+    rows = wait(lambda: at_least(server.capture, before_rows + 1), 20, "the good row", interval=0.02)
     assert len(rows) == before_rows + 1
     np.testing.assert_array_equal(rows[-1], x[0])
 
@@ -222,7 +212,7 @@ def test_capture_folder_stays_under_its_cap_and_drops_are_counted(artifacts, tmp
             dropped = metric_value(text, "kompressor_capture_dropped_rows_total", model="mlp", reason="size_cap")
             return written == 60 * 32 and dropped > 0 and len(captured(tmp_path / "capture")) == written - dropped
 
-        wait_for(consistent, what="capture to settle with drops counted")
+        wait(consistent, 20, "capture to settle with drops counted", interval=0.02)
         size = sum(p.stat().st_size for p in (tmp_path / "capture").iterdir())
         assert size <= cap + cap // 8 + 2048  # the cap, plus the segment being written
     finally:
@@ -230,47 +220,15 @@ def test_capture_folder_stays_under_its_cap_and_drops_are_counted(artifacts, tmp
 
 
 def test_hot_swap_under_concurrent_load_drops_nothing(artifacts, tmp_path):
-    import aiohttp
-
     srv = Server(artifacts[1], "mlp", capture=tmp_path / "capture", log=tmp_path / "server.log")
     x = np.random.default_rng(3).normal(size=(4, N_FEATURES)).astype(np.float32)
     expected = {str(r): ort_run(artifacts[r], x) for r in (1, 2)}
-    load_url = f"{srv.url}/v2/repository/models/mlp/load"
-
-    async def scenario():
-        results, stop = [], asyncio.Event()
-        async with aiohttp.ClientSession() as client:
-            async def worker():
-                while not stop.is_set():
-                    async with client.post(srv.infer_url(), json=infer_body(x)) as response:
-                        results.append((response.status, await response.json()))
-
-            async def served_by(version: str, count: int = 10, timeout: float = 30.0) -> None:
-                """Wait (polling) until ``count`` more answers came from ``version``: traffic flows on it."""
-                start, deadline = len(results), time.monotonic() + timeout
-                while sum(1 for _, body in results[start:] if body.get("model_version") == version) < count:
-                    if time.monotonic() > deadline or any(w.done() for w in workers):
-                        raise AssertionError(f"no traffic answered by version {version}")
-                    await asyncio.sleep(0.01)
-
-            workers = [asyncio.create_task(worker()) for _ in range(6)]
-            swaps = []
-            current = "1"
-            for revision in (2, 1, 2):
-                await served_by(current)  # traffic flows on the current revision before each swap
-                params = {"artifact": str(artifacts[revision])}
-                if revision == 2:
-                    params["sha256"] = json.loads((artifacts[2] / "manifest.json").read_text())["files"]["model.onnx"]
-                async with client.post(load_url, json={"parameters": params}) as response:
-                    swaps.append((response.status, await response.json()))
-                current = str(revision)
-            await served_by(current)
-            stop.set()
-            await asyncio.gather(*workers)
-        return results, swaps
+    # revision 1 is loaded back without a sha256 (optional), revision 2 with its manifest's
+    loads = [load_body(artifacts[2]), load_body(artifacts[1], sha256=None), load_body(artifacts[2])]
 
     try:
-        results, swaps = asyncio.run(scenario())
+        answers, swaps, _ = swaps_under_load(srv, loads, x, clients=6, per_step=10, timeout=30.0)
+        results = [(status, body) for status, _, body in answers]
         assert [s for s, _ in swaps] == [200, 200, 200], swaps
         assert [b["version"] for _, b in swaps] == ["2", "1", "2"]
         assert len(results) > 50
@@ -286,7 +244,7 @@ def test_hot_swap_under_concurrent_load_drops_nothing(artifacts, tmp_path):
         assert metric_value(text, "kompressor_model_swaps_total", model="mlp", outcome="loaded") == 3
         assert metric_value(text, "kompressor_serving_revision", model="mlp") == 2
         # captured rows remember which revision served them
-        wait_for(lambda: len(captured(tmp_path / "capture", revision=2)) > 0, what="revision-2 rows")
+        wait(lambda: len(captured(tmp_path / "capture", revision=2)) > 0, 20, "revision-2 rows", interval=0.02)
         assert len(captured(tmp_path / "capture", revision=1)) > 0
     finally:
         srv.stop()
@@ -328,10 +286,10 @@ def test_requests_in_flight_gauge_counts_a_request_being_answered(server):
     assert gauge() == 0
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
         sock.sendall(head + body[:10])
-        wait_for(lambda: gauge() == 1, what="the request in flight")
+        wait(lambda: gauge() == 1, 20, "the request in flight", interval=0.02)
         sock.sendall(body[10:])
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200")
-    wait_for(lambda: gauge() == 0, what="the gauge back at 0")
+    wait(lambda: gauge() == 0, 20, "the gauge back at 0", interval=0.02)

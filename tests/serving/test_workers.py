@@ -5,31 +5,20 @@ being served."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
 
 from kompressor_jobs import capture
-from serving_support import N_FEATURES, Server, http, infer_body, metric_value, ort_run
+from support.polling import wait
+from serving_support import N_FEATURES, Server, http, infer_body, load_body, metric_value, ort_run, swaps_under_load
 
 pytestmark = pytest.mark.slow
 WORKERS = 2
 HEADER = "Kompressor-Worker"
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def worker_pids(server: Server) -> dict[int, int]:
@@ -67,7 +56,8 @@ def workers(artifacts, tmp_path):
     server = Server(artifacts[1], "mlp", capture=tmp_path / "capture", log=tmp_path / "server.log", grpc=True,
                     extra=["--workers", str(WORKERS)])
     server.capture = tmp_path / "capture"
-    wait_for(lambda: '"serving workers ready"' in server.log.read_text(), what="the supervisor's workers ready")
+    wait(lambda: '"serving workers ready"' in server.log.read_text(), 60, "the supervisor's workers ready",
+         interval=0.05)
     yield server
     server.stop()
 
@@ -77,7 +67,7 @@ def test_both_workers_answer_metrics_sum_and_every_row_is_captured(workers, arti
 
     server = workers
     x = np.random.default_rng(0).normal(size=(3, N_FEATURES)).astype(np.float32)
-    seen = wait_for(lambda: both_answer(server, x), what="both workers")
+    seen = wait(lambda: both_answer(server, x), 60, "both workers", interval=0.05)
     assert set(seen) == {"0", "1"} and all(v == {"1"} for v in seen.values())
     client = tg.InferenceServerClient(server.grpc_target)
     tensor = tg.InferInput("input", list(x.shape), "FP32")
@@ -92,7 +82,7 @@ def test_both_workers_answer_metrics_sum_and_every_row_is_captured(workers, arti
         return served if served and metric_value(text, "kompressor_capture_rows_total", model="mlp") == served \
             else None
 
-    served = wait_for(settled, what="the capture to catch up")
+    served = wait(settled, 60, "the capture to catch up", interval=0.05)
     text = server.metrics()  # whichever worker answers, the sums over both
     rest = metric_value(text, "kompressor_inference_requests_total", model="mlp", protocol="rest")
     assert metric_value(text, "kompressor_inference_requests_total", model="mlp", protocol="grpc") == 5
@@ -108,48 +98,13 @@ def test_both_workers_answer_metrics_sum_and_every_row_is_captured(workers, arti
 
 
 def test_a_swap_under_load_reaches_every_worker_and_fails_no_request(workers, artifacts):
-    import aiohttp
-
     server = workers
     x = np.random.default_rng(5).normal(size=(3, N_FEATURES)).astype(np.float32)
     expected = {str(r): ort_run(artifacts[r], x) for r in (1, 2)}
-    load_url = f"{server.url}/v2/repository/models/mlp/load"
-
-    def params(revision: int, sha256: str | None = None) -> dict:
-        sha = json.loads((artifacts[revision] / "manifest.json").read_text())["files"]["model.onnx"]
-        return {"parameters": {"artifact": str(artifacts[revision]), "sha256": sha256 or sha}}
-
-    async def scenario():
-        results, stop = [], asyncio.Event()
-
-        async def client_loop():
-            # a connection per session, several sessions: the kernel spreads them over the workers
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
-                while not stop.is_set():
-                    async with client.post(server.infer_url(), json=infer_body(x)) as response:
-                        results.append((response.status, response.headers.get(HEADER), await response.json()))
-
-        async def served_by(version: str, count: int = 20) -> None:
-            start, deadline = len(results), time.monotonic() + 60
-            while sum(1 for s, _, b in results[start:] if b.get("model_version") == version) < count:
-                assert time.monotonic() < deadline and not any(t.done() for t in tasks), f"no answers by {version}"
-                await asyncio.sleep(0.01)
-
-        tasks = [asyncio.create_task(client_loop()) for _ in range(6)]
-        swaps, current = [], "1"
-        async with aiohttp.ClientSession() as admin:
-            for body in (params(2), params(1, "0" * 64), params(1), params(2)):
-                await served_by(current)
-                async with admin.post(load_url, json=body) as response:
-                    swaps.append((response.status, await response.json()))
-                if response.status == 200:
-                    current = swaps[-1][1]["version"]
-            await served_by(current)
-        stop.set()
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        return results, swaps, outcomes
-
-    results, swaps, outcomes = asyncio.run(scenario())
+    loads = [load_body(artifacts[2]), load_body(artifacts[1], sha256="0" * 64), load_body(artifacts[1]),
+             load_body(artifacts[2])]
+    answers, swaps, outcomes = swaps_under_load(server, loads, x, fresh_connections=True)
+    results = [(status, headers.get(HEADER), body) for status, headers, body in answers]
     assert [s for s, _ in swaps] == [200, 400, 200, 200], swaps
     assert "is not the expected" in swaps[1][1]["error"]
     assert not [o for o in outcomes if o is not None], outcomes
@@ -165,8 +120,8 @@ def test_a_swap_under_load_reaches_every_worker_and_fails_no_request(workers, ar
     assert metric_value(text, "kompressor_model_swaps_total", model="mlp", outcome="failed") == 1
     assert metric_value(text, "kompressor_serving_revision", model="mlp") == 2
     # the capture marks the newest serving stint of revision 2, and every revision-2 row comes after it
-    wait_for(lambda: len(capture.read_rows(server.capture, 2, capture.serving_start(server.capture, 2))) > 0,
-             what="revision-2 rows in the newest stint")
+    wait(lambda: len(capture.read_rows(server.capture, 2, capture.serving_start(server.capture, 2))) > 0,
+         60, "revision-2 rows in the newest stint", interval=0.05)
     start = capture.serving_start(server.capture, 2)
     assert start > 0
     newest = capture.read_rows(server.capture, 2, start)
@@ -181,9 +136,9 @@ def test_a_killed_worker_comes_back_on_the_revision_being_served(workers, artifa
     assert status == 200, out
     before = worker_pids(server)
     os.kill(before[0], signal.SIGKILL)
-    wait_for(lambda: worker_pids(server)[0] != before[0], what="worker 0 restarted")
+    wait(lambda: worker_pids(server)[0] != before[0], 60, "worker 0 restarted", interval=0.05)
     x = np.zeros((1, N_FEATURES), np.float32)
-    seen = wait_for(lambda: both_answer(server, x), what="both workers")
+    seen = wait(lambda: both_answer(server, x), 60, "both workers", interval=0.05)
     assert all(v == {"2"} for v in seen.values()), seen  # the new process started on revision 2, not the CLI's 1
 
 
