@@ -7,7 +7,6 @@ s3fs and moto[server] are in the test extra, so a missing one fails the import r
 from __future__ import annotations
 
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -18,22 +17,17 @@ from moto import server as moto_server
 
 from kompressor.errors import UserError
 from kompressor_jobs.models import load_source
+from support.net import free_port
 from support.text_models import spec_inputs
 
 BUCKET = "models"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """An S3 endpoint on 127.0.0.1 with one bucket; the environment points botocore at it (as a Job's would)."""
     mp = pytest.MonkeyPatch()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
