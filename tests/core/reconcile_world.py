@@ -95,6 +95,7 @@ class World:
     jobs: dict[str, JobState] = field(default_factory=dict)
     serving: ServingState | None = None
     reports: dict[int, EvalReport] = field(default_factory=dict)
+    online: list = field(default_factory=list)  # OnlineReadings the serving processes give now
     created_jobs: list[str] = field(default_factory=list)  # every Job ever created, in order
     served: list[Serve] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
@@ -108,7 +109,7 @@ class World:
         """What an adapter would observe now (``snapshot``: a copy later world changes do not touch)."""
         model = copy.deepcopy(self.model) if snapshot else self.model
         return Observed(model=model, now=self.now, jobs=tuple(self.jobs.values()),
-                        serving=self.serving, reports=dict(self.reports))
+                        serving=self.serving, reports=dict(self.reports), online=tuple(self.online))
 
     def step(self, write_status: bool = True, apply_actions: bool | int = True) -> Decision:
         """One reconcile. ``write_status=False`` or ``apply_actions`` = False / a count simulate a

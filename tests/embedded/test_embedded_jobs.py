@@ -24,6 +24,14 @@ def digits(**spec_changes) -> dict:
     return doc
 
 
+def slow_prune() -> dict:
+    """A prune that runs until stopped: many epochs of one-row steps, no early stopping (a prune that ends
+    early would race the checks that want it running)."""
+    return digits(compression__pruning__fineTuneEpochs=100, compression__pruning__schedule="gradual",
+                  compression__pruning__steps=20, compression__fineTuning__batchSize=1,
+                  compression__fineTuning__earlyStoppingPatience=0)
+
+
 def prune_pids(runner: RunnerProcess) -> dict[int, str]:
     return {pid: cmd for pid, cmd in children_of(runner.proc.pid).items() if " prune " in cmd}
 
@@ -83,7 +91,7 @@ def test_a_job_failing_otherwise_is_retried_backoff_limit_times_then_failed(tmp_
 
 def test_removed_model_is_deleted_and_sigterm_leaves_no_orphans(tmp_path, job_env):
     manifest = tmp_path / "cm.yaml"
-    slow = digits(compression__pruning__fineTuneEpochs=100)  # a prune that runs until stopped
+    slow = slow_prune()
     other = yaml.safe_load(yaml.safe_dump(slow))
     other["metadata"]["name"] = "other"
     write_manifest(manifest, slow, other)
@@ -145,7 +153,7 @@ def test_approval_annotation_in_the_manifest_promotes(tmp_path, job_env):
 
 def test_children_go_even_when_the_runner_is_killed(tmp_path, job_env):
     manifest = tmp_path / "cm.yaml"
-    write_manifest(manifest, digits(compression__pruning__fineTuneEpochs=100))
+    write_manifest(manifest, slow_prune())
     runner = RunnerProcess(manifest, tmp_path / "work", free_port(), job_env)
     try:
         jobs = wait_for("the prune job to run", lambda: prune_pids(runner), 60)
@@ -156,8 +164,9 @@ def test_children_go_even_when_the_runner_is_killed(tmp_path, job_env):
 
 def test_job_past_its_active_deadline_is_stopped_and_failed(tmp_path, job_env):
     manifest = tmp_path / "cm.yaml"
-    write_manifest(manifest, digits(compression__pruning__fineTuneEpochs=100, jobs__activeDeadlineSeconds=4,
-                                    jobs__backoffLimit=3))
+    doc = slow_prune()
+    doc["spec"]["jobs"].update(activeDeadlineSeconds=4, backoffLimit=3)
+    write_manifest(manifest, doc)
     runner = RunnerProcess(manifest, tmp_path / "work", free_port(), job_env)
     try:
         jobs = wait_for("the prune job to run", lambda: prune_pids(runner), 60)

@@ -37,6 +37,8 @@ DRIFT_SIGNALS = ("inputs", "outputs", "embeddings")
 CORRECTIONS = ("bonferroni", "fdr")
 DRIFT_ACTIONS = ("rollback", "retrain", "alert")
 ROLLBACK_TARGETS = ("previous", "baseline")
+PROMOTION_STRATEGIES = ("direct", "shadow", "canary")
+ON_INCONCLUSIVE = ("reject", "promote")
 
 
 @dataclass
@@ -456,8 +458,54 @@ class DriftSpec:
 
 
 @dataclass
+class OnlineGatesSpec:
+    """Gates judged on live traffic while a candidate is shadowed or canaried, against the serving revision."""
+
+    min_requests: int = api_field("Live requests the candidate must have seen (in each canary step) before the gates "
+                                  "are judged; fewer is Inconclusive.", default=d.ONLINE_MIN_REQUESTS, minimum=1,
+                                  maximum=10_000_000)
+    min_agreement: float | None = api_field("Least mean agreement of the candidate's outputs with the serving "
+                                            "revision's on the same requests: top-1 agreement (classification), "
+                                            "cosine similarity (embedding), 1 - relative error (regression).",
+                                            default=d.ONLINE_MIN_AGREEMENT, minimum=0.0, maximum=1.0)
+    max_latency_ratio: float | None = api_field("Most the candidate's p95 ONNX Runtime time may be, relative to the "
+                                                "serving revision's on the same requests.",
+                                                default=d.ONLINE_MAX_LATENCY_RATIO, minimum=0.0,
+                                                exclusive_minimum=True, maximum=100.0)
+    max_error_rate: float | None = api_field("Most share of the candidate's runs that may fail.",
+                                             default=d.ONLINE_MAX_ERROR_RATE, minimum=0.0, maximum=1.0)
+    min_accuracy: float | None = api_field("Least accuracy on the candidate's requests that got a ground-truth label "
+                                           "(POST /v2/models/{name}/feedback, which this turns on); judged once "
+                                           "minRequests labels arrived.", default=d.ONLINE_MIN_ACCURACY, minimum=0.0,
+                                           maximum=1.0)
+
+
+@dataclass
+class CanarySpec:
+    """The canary's steps."""
+
+    steps: list[int] = api_field("Percent of live traffic the candidate answers, step by step (increasing, each "
+                                 "1-99); the online gates are judged after each, and all traffic moves once the last "
+                                 "passes.", default_factory=lambda: list(d.CANARY_STEPS), min_items=1, max_items=10,
+                                 item_minimum=1)
+
+
+@dataclass
 class PromotionSpec:
     """Promotion control."""
+
+    strategy: str = api_field("direct: a revision that passes its gates serves all traffic at once. shadow: it first "
+                              "gets a copy of live requests (clients keep getting the serving revision's answers). "
+                              "canary: it first answers canary.steps shares of them. Shadow and canary promote "
+                              "only once the online gates pass; the baseline serves while the first candidate is "
+                              "judged.", default=d.PROMOTION_STRATEGY, enum=PROMOTION_STRATEGIES)
+    online_gates: OnlineGatesSpec = api_field("Gates on live traffic (shadow and canary).",
+                                              default_factory=OnlineGatesSpec)
+    canary: CanarySpec = api_field("Canary steps.", default_factory=CanarySpec)
+    on_inconclusive: str = api_field("What an online stage still Inconclusive at its deadline does: reject the "
+                                     "candidate, or promote it.", default=d.ON_INCONCLUSIVE, enum=ON_INCONCLUSIVE)
+    online_deadline_seconds: int = api_field("How long an online stage (each canary step) may stay Inconclusive.",
+                                             default=d.ONLINE_DEADLINE_SECONDS, minimum=10, maximum=30 * 86400)
 
     require_approval: bool = api_field("Hold a passing revision in AwaitingApproval until the annotation "
                                        "kompressor.io/approve is set to its revision number.",

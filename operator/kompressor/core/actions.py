@@ -33,13 +33,26 @@ class DeleteJob:
 
 
 @dataclass(frozen=True)
+class OnlineCandidate:
+    """A revision run beside the serving one: shadow (a copy of every request, answers discarded) or canary
+    (``weight`` percent of requests answered by it)."""
+
+    revision: int
+    artifact: Artifact
+    mode: Literal["shadow", "canary"]
+    weight: float
+
+
+@dataclass(frozen=True)
 class Serve:
     """Make the serving workload serve ``revision`` (create, patch or hot-swap), and run the
-    drift watcher against it with ``drift_reference`` as reference data (None: no watcher)."""
+    drift watcher against it with ``drift_reference`` as reference data (None: no watcher).
+    ``candidate``: the online stage's candidate beside it (None: none; one already there is removed)."""
 
     revision: int
     artifact: Artifact
     drift_reference: str | None
+    candidate: OnlineCandidate | None = None
 
 
 @dataclass(frozen=True)

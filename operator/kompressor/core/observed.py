@@ -8,6 +8,7 @@ from typing import Literal, Mapping
 
 from kompressor.api.manifest import CompressedModel
 from kompressor.api.report import EvalReport
+from kompressor.api.status import OnlineCounts
 
 JobKind = Literal["prune", "evaluate"]
 JobPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
@@ -37,6 +38,20 @@ class ServingState:
 
 
 @dataclass(frozen=True)
+class OnlineReading:
+    """One serving process' evidence about the candidate it runs beside the serving revision
+    (``GET /v2/models/{name}/online``); counts since that process was given that candidate."""
+
+    source: str  # the process and when it was given the candidate: a new one starts its counts at 0
+    revision: int
+    sha256: str
+    mode: str  # shadow | canary
+    weight: float
+    counts: OnlineCounts
+    error: str | None = None  # the process could not load the candidate
+
+
+@dataclass(frozen=True)
 class Observed:
     """Everything one reconcile may look at.
 
@@ -51,3 +66,5 @@ class Observed:
     # Evaluation reports the adapter could read, by revision: at least the in-flight
     # candidate's, once its evaluation Job has succeeded.
     reports: Mapping[int, EvalReport] = field(default_factory=dict)
+    # What the serving processes say about the candidate of an online stage (shadow, canary); empty otherwise.
+    online: tuple[OnlineReading, ...] = ()

@@ -7,7 +7,7 @@ import copy
 
 from kompressor.api import defaults as d
 from kompressor.api.status import Revision
-from kompressor.core import reasons, revisions
+from kompressor.core import online, reasons, revisions
 from kompressor.core.actions import Serve
 from kompressor.core.context import Run
 
@@ -34,6 +34,9 @@ def offer_for_promotion(run: Run, revision: Revision) -> None:
         return
     if run.spec.promotion.require_approval:
         run.event(reasons.APPROVED, f"Revision {revision.revision} approved by annotation {d.ANNOTATION_APPROVE}")
+    if run.spec.promotion.strategy != "direct":
+        online.begin(run, revision)
+        return
     promote(run, revision, rollback=False)
 
 
@@ -75,7 +78,7 @@ def serve(run: Run) -> None:
     if run.paused or revision is None or revision.artifact is None:
         return
     run.serves.append(Serve(revision=revision.revision, artifact=copy.deepcopy(revision.artifact),
-                            drift_reference=drift_reference(run.spec, revision)))
+                            drift_reference=drift_reference(run.spec, revision), candidate=online.candidate(run)))
 
 
 def drift_reference(spec, revision: Revision) -> str | None:

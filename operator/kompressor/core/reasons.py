@@ -29,6 +29,13 @@ FLAPPING_PREVENTED = "FlappingPrevented"  # paused: the rollback target drifted 
 PAUSED = "Paused"  # spec.promotion.paused
 RESUMED = "Resumed"
 COOLDOWN = "CooldownActive"
+ONLINE_STAGE_STARTED = "OnlineStageStarted"  # shadow or canary: a candidate judged on live traffic
+CANARY_STEP = "CanaryStepPassed"
+ONLINE_GATES_PASSED = "OnlineGatesPassed"
+ONLINE_GATES_FAILED = "OnlineGatesFailed"  # the candidate is rejected; all traffic stays on the serving revision
+ONLINE_INCONCLUSIVE = "OnlineInconclusive"  # still Inconclusive at the deadline
+ONLINE_STAGE_SUPERSEDED = "OnlineStageSuperseded"  # a newer compression started
+ONLINE_STAGE_SKIPPED = "OnlineStageSkipped"  # no baseline to serve meanwhile
 
 # Condition reasons (conditions are Ready, Compressed, GatesPassed, Promoted, Drifted).
 PENDING = "Pending"

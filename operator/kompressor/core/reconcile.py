@@ -15,6 +15,11 @@ State machine (phase, what moves it on, what is emitted)::
     Evaluating ──gates passed (and approved)──────────────────────► Promoting    Serve(revision)
     AwaitingApproval ──annotation kompressor.io/approve=<revision>─► Promoting
     Promoting/RollingBack ──serving ready at the target revision──► Serving
+    Evaluating/AwaitingApproval ──gates passed, strategy shadow|canary► Shadowing | Canary  Serve(serving, candidate)
+        (nothing served yet: the baseline is promoted first and serves meanwhile; see online.py)
+    Shadowing/Canary ──online gates Successful (canary: after the last step)► Promoting
+    Shadowing/Canary ──online gates Failed or Error (or Inconclusive at the deadline)► Rejected  Serve(serving)
+    Canary ──a step's online gates Successful──────────────────────► Canary (next step's weight)
     Serving ──drift confirmed (consecutiveWindows checks)─────────► DriftDetected, then the spec's action:
         rollback ─► RollingBack (target: previous promoted revision, or 0 with rollbackTo: baseline)
         retrain  ─► Retraining  RunJob(prune, retrain=True) ─► Evaluating ─► … (gated as usual)
@@ -49,7 +54,8 @@ candidate), Promoted (True: Promoted, or RolledBack when serving an older revisi
 from __future__ import annotations
 
 from kompressor.api import defaults as d
-from kompressor.core import compression, conditions, drift_actions, drift_policy, names, promotion, reasons, revisions
+from kompressor.core import (compression, conditions, drift_actions, drift_policy, names, online, promotion, reasons,
+                             revisions)
 from kompressor.core.actions import Decision, DeleteJob
 from kompressor.core.context import Run
 from kompressor.core.observed import Observed
@@ -62,6 +68,7 @@ def reconcile(observed: Observed) -> Decision:
     compression.start_compression(run)
     promotion.approve(run)
     promotion.settle_serving(run)
+    online.advance(run)
     drift_actions.handle_drift(run)
     promotion.serve(run)
     revisions.trim(run.st, run.spec.revision_history_limit)
@@ -103,6 +110,9 @@ def _settled_phase(run: Run) -> tuple[str, str]:
         return "Failed", conditions.get(st, "Compressed").message
     if st.candidate is not None:
         return compression.candidate_phase(st.candidate), f"revision {st.candidate.revision} in progress"
+    if st.online is not None and run.serving_at(st.current_revision):
+        return ("Shadowing" if st.online.strategy == "shadow" else "Canary"), \
+            f"revision {st.online.revision} judged online against revision {st.current_revision}"
     newest = revisions.newest_compressed(st)
     if newest is not None and newest.gates is not None and newest.promoted_at is None \
             and newest.revision != st.current_revision:
