@@ -2,7 +2,7 @@
 --
 --   Progressing  no status yet; status.observedGeneration behind metadata.generation (the operator has not
 --                acted on the latest spec); Pending, Compressing, Evaluating, Promoting, Retraining,
---                RollingBack; Serving whose Ready condition is not decided yet; DriftDetected while the
+--                RollingBack, Shadowing and Canary (a candidate judged on live traffic); Serving whose Ready condition is not decided yet; DriftDetected while the
 --                operator's automatic reaction (rollback or retrain) is still to come.
 --   Healthy      Serving with the Ready condition True.
 --   Suspended    AwaitingApproval (waits for the kompressor.io/approve annotation), Paused (spec.promotion.paused,
@@ -66,7 +66,7 @@ if phase == "Serving" then
     hs.message = say(phase, status, "waiting for the serving Pods to be ready")
   end
 elseif phase == "Pending" or phase == "Compressing" or phase == "Evaluating" or phase == "Promoting"
-    or phase == "Retraining" or phase == "RollingBack" then
+    or phase == "Retraining" or phase == "RollingBack" or phase == "Shadowing" or phase == "Canary" then
   hs.status = "Progressing"
   hs.message = say(phase, status, "in progress")
 elseif phase == "AwaitingApproval" or phase == "Paused" then

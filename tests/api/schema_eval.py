@@ -232,10 +232,18 @@ def _visible(obj: Any, path: str) -> Any:
     return obj
 
 
+def _is_sorted(items) -> celtypes.BoolType:
+    return celtypes.BoolType(all(a <= b for a, b in zip(items, items[1:])))
+
+
+# Functions of the Kubernetes CEL libraries that cel-python lacks (k8s.io/apiserver/pkg/cel/library/lists.go).
+_KUBERNETES_FUNCTIONS = {"isSorted": _is_sorted}
+
+
 @functools.cache
 def _program(rule: str):
     env = celpy.Environment()
-    return env.program(env.compile(rule))
+    return env.program(env.compile(rule), functions=_KUBERNETES_FUNCTIONS)
 
 
 def to_cel(value: Any, schema: dict) -> Any:

@@ -38,4 +38,4 @@ def test_the_crd_names_and_columns():
     version = crd["spec"]["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Phase", "Revision", "Sparsity", "Accuracy", "Drift", "Age"]
+        "Phase", "Revision", "Sparsity", "Accuracy", "Drift", "Candidate", "Weight", "Live", "Online", "Age"]

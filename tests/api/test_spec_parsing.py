@@ -187,6 +187,7 @@ _SEED_ITEMS = {
     "spec.model.inputShape": 1,
     "spec.model.inputs": {"name": "x", "dtype": "int64", "shape": [8]},
     "spec.model.inputs[0].shape": 1,
+    "spec.promotion.canary.steps": lambda n: list(range(1, n + 1)),  # a rule wants them increasing
 }
 # Other fields a value needs to be valid at its bound (a rule relates them).
 _CONTEXT = {"spec.compression.search.minSparsity": {("spec", "compression", "search", "maxSparsity"): 0.99}}
@@ -214,6 +215,8 @@ def _dotted(keys) -> str:
 
 def _unique_items(list_path: str, n: int) -> list:
     seed = _SEED_ITEMS[list_path]
+    if callable(seed):
+        return seed(n)
     if isinstance(seed, dict):
         first = next(iter(seed))
         return [{**seed, first: f"s{i}" if isinstance(seed[first], str) else i} for i in range(n)]

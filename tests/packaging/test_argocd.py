@@ -55,6 +55,8 @@ EXPECTED = {
     ("Promoting", "False"): "Progressing",
     ("Retraining", "True"): "Progressing",
     ("RollingBack", "True"): "Progressing",
+    ("Shadowing", "True"): "Progressing",
+    ("Canary", "True"): "Progressing",
     ("Serving", "True"): "Healthy",
     ("Serving", None): "Progressing",
     ("Serving", "Unknown"): "Progressing",

@@ -104,6 +104,14 @@ def _columns() -> list[dict]:
          "description": "Accuracy of the serving revision."},
         {"name": "Drift", "type": "string", "jsonPath": ".status.drift.outcome",
          "description": "Latest drift verdict."},
+        {"name": "Candidate", "type": "integer", "jsonPath": ".status.online.revision", "priority": 1,
+         "description": "Revision judged online (shadow or canary)."},
+        {"name": "Weight", "type": "number", "jsonPath": ".status.online.weight", "priority": 1,
+         "description": "Percent of live traffic the canary answers (shadow: 0)."},
+        {"name": "Live", "type": "integer", "jsonPath": ".status.online.totals.requests", "priority": 1,
+         "description": "Live requests the candidate saw."},
+        {"name": "Online", "type": "string", "jsonPath": ".status.online.outcome", "priority": 1,
+         "description": "Latest online verdict."},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]
 

@@ -160,6 +160,22 @@ DRIFT_WATCHER_RESOURCES = {"requests": {"cpu": "100m", "memory": "768Mi"}, "limi
 # spec.promotion
 REQUIRE_APPROVAL = False
 PAUSED = False
+PROMOTION_STRATEGY = "direct"  # direct | shadow | canary
+CANARY_STEPS = (10, 50)  # percent of live traffic answered by the candidate, step by step; then 100
+ONLINE_MIN_REQUESTS = 200  # live requests the candidate must see (per canary step) before a verdict
+ONLINE_MIN_AGREEMENT = 0.95  # top-1 agreement (cosine for embeddings) with the serving revision
+ONLINE_MAX_ERROR_RATE = 0.01
+ONLINE_MAX_LATENCY_RATIO = None  # the candidate's p95 ONNX Runtime time over the serving revision's
+ONLINE_MIN_ACCURACY = None  # on requests with a ground-truth label (turns the feedback endpoint on)
+ONLINE_DEADLINE_SECONDS = 3600  # an Inconclusive stage (or canary step) waits this long, then onInconclusive
+ON_INCONCLUSIVE = "reject"  # reject | promote
+# The serving process' online stage (kompressor serve --candidate ...)
+SERVING_MIRROR_QUEUE = 256  # shadow: requests waiting to be mirrored; beyond it copies are dropped (and counted)
+ONLINE_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                          2.5, 5.0)  # upper bounds (s) of the ORT run-time histograms; a last bucket is +Inf
+ONLINE_EVIDENCE_TIMEOUT_SECONDS = 3.0  # reading one serving process' evidence (GET /v2/models/{name}/online)
+ONLINE_POLL_SECONDS = 10.0  # reconcile at least this often during an online stage
+ONLINE_MAX_SOURCES = 32  # serving processes whose last counts the status remembers (restarts, rollouts)
 
 REVISION_HISTORY_LIMIT = 10
 

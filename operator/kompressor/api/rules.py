@@ -79,9 +79,11 @@ RULES: tuple[Rule, ...] = (
          "drift.performance needs one serving replica and no autoscaling (each process remembers only the requests "
          "it answered)",
          lambda x: x.drift.performance is None or (x.serving.replicas <= 1 and x.serving.autoscaling is None)),
-    Rule(s.CanarySpec, "self.steps.isSorted() && self.steps.all(x, x <= 99 && self.steps.filter(y, y == x).size() == 1)",
+    Rule(s.CanarySpec, "!has(self.steps) || (self.steps.isSorted() && "
+         "self.steps.all(x, x <= 99 && self.steps.filter(y, y == x).size() == 1))",
          ".steps", "canary steps must be increasing percentages below 100",
-         lambda x: all(v <= 99 for v in x.steps) and all(a < b for a, b in zip(x.steps, x.steps[1:]))),
+         lambda x: x.steps is None or (all(v <= 99 for v in x.steps)
+                                       and all(a < b for a, b in zip(x.steps, x.steps[1:])))),
     Rule(s.CompressedModelSpec, "self.promotion.strategy == 'direct' || !has(self.promotion.onlineGates.minAccuracy) "
          "|| (self.serving.replicas <= 1 && !has(self.serving.autoscaling))", ".promotion.onlineGates.minAccuracy",
          "promotion.onlineGates.minAccuracy needs one serving replica and no autoscaling (each process remembers only "

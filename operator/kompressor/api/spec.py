@@ -484,10 +484,14 @@ class OnlineGatesSpec:
 class CanarySpec:
     """The canary's steps."""
 
-    steps: list[int] = api_field("Percent of live traffic the candidate answers, step by step (increasing, each "
-                                 "1-99); the online gates are judged after each, and all traffic moves once the last "
-                                 "passes.", default_factory=lambda: list(d.CANARY_STEPS), min_items=1, max_items=10,
-                                 item_minimum=1)
+    steps: list[int] | None = api_field("Percent of live traffic the candidate answers, step by step (increasing, "
+                                        "each 1-99); the online gates are judged after each, and all traffic moves "
+                                        "once the last passes. Unset: "
+                                        + ", ".join(map(str, d.CANARY_STEPS)) + ".", min_items=1, max_items=10,
+                                        item_minimum=1)
+
+    def percentages(self) -> list[int]:
+        return list(self.steps) if self.steps else list(d.CANARY_STEPS)
 
 
 @dataclass

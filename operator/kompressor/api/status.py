@@ -14,13 +14,15 @@ from kompressor.api.spec import DRIFT_SIGNALS
 
 PHASES = (
     "Pending", "Compressing", "Evaluating", "Rejected", "AwaitingApproval", "Promoting", "Serving",
-    "DriftDetected", "Retraining", "RollingBack", "Paused", "Failed",
+    "DriftDetected", "Retraining", "RollingBack", "Paused", "Failed", "Shadowing", "Canary",
 )
 CONDITION_TYPES = ("Ready", "Compressed", "GatesPassed", "Promoted", "Drifted")
 CONDITION_STATUSES = ("True", "False", "Unknown")
 GATE_OUTCOMES = ("Successful", "Failed", "Inconclusive", "Error")
 DRIFT_OUTCOMES = ("Drift", "NoDrift", "Inconclusive")
 CANDIDATE_REASONS = ("initial", "specChange", "retry", "retrain")
+ONLINE_STRATEGIES = ("shadow", "canary")
+ONLINE_OUTCOMES = GATE_OUTCOMES + ("Superseded",)
 
 
 @dataclass
@@ -124,8 +126,34 @@ class Revision:
     promoted_at: str | None = api_field("When it was last promoted to serving (RFC 3339).")
     reason: str | None = api_field("Why it was made: initial, specChange, retry or retrain.")
     generation: int | None = api_field("metadata.generation of the spec it was made from.")
+    online: OnlineVerdict | None = api_field("How its online stage (shadow or canary) ended.")
     drifted_at: str | None = api_field("When drift was last confirmed while it served (RFC 3339). A drifted "
                                        "revision is not rolled back to automatically (no flapping).")
+
+
+@dataclass
+class PredictionDrift:
+    """Prediction drift of one window, beside the input test: the served model's predictions on the window's
+    rows against its predictions on the reference data (classification models, window mode, watcher run with
+    --artifact). Informational: the drift policy acts on the verdict's own outcome only."""
+
+    outcome: str | None = api_field("Drift when the smaller of the two p-values, corrected for two tests "
+                                    "(spec.drift.correction), is below spec.drift.pValue; Inconclusive when the "
+                                    "window's rows have no captured outputs (samples 0) or are too few.",
+                                    enum=DRIFT_OUTCOMES)
+    class_p_value: float | None = api_field("p-value of the chi-square test of the predicted-class counts against "
+                                            "the reference's (small cells pooled, as the chisquare detector does).",
+                                            minimum=0.0, maximum=1.0)
+    class_statistic: float | None = api_field("Chi-square statistic of the predicted-class test.", minimum=0.0)
+    score_p_value: float | None = api_field("p-value of the two-sample Kolmogorov-Smirnov test of the top-1 softmax "
+                                            "score against the reference's.", minimum=0.0, maximum=1.0)
+    score_statistic: float | None = api_field("KS statistic of the score test (largest CDF gap).", minimum=0.0,
+                                              maximum=1.0)
+    samples: int | None = api_field("Predictions tested: the window's rows with captured outputs (0: none had "
+                                    "them; the capture keeps outputs only of requests that asked for all of "
+                                    "them).", minimum=0)
+    classes: list[float] | None = api_field("Share of the window's predictions per class, class 0 first.")
+    reference_classes: list[float] | None = api_field("Share of the reference data's predictions per class.")
 
 
 @dataclass
@@ -165,6 +193,9 @@ class DriftVerdict:
     labels_seen: int | None = api_field("PerformanceDrift: labels the serving process accepted for the revision "
                                         "up to this check (a window counts once window new ones arrived).",
                                         minimum=0)
+    prediction: PredictionDrift | None = api_field("DataDrift, window mode: prediction drift of the same window "
+                                                   "(the model's predicted classes and top-1 scores against the "
+                                                   "reference's). Informational.")
 
 
 @dataclass
@@ -178,6 +209,66 @@ class Condition:
     message: str = api_field("Human-readable detail.", default="")
     last_transition_time: str | None = api_field("When status last changed (RFC 3339).")
     observed_generation: int | None = api_field("metadata.generation this condition was computed for.")
+
+
+@dataclass
+class OnlineCounts:
+    """A candidate's live evidence, as counts that add up over serving processes."""
+
+    requests: int = api_field("Candidate runs on live requests (shadow: mirrored; canary: answered), failed ones "
+                              "included.", default=0, minimum=0)
+    errors: int = api_field("Candidate runs that failed.", default=0, minimum=0)
+    dropped: int = api_field("Shadow: request copies not mirrored because the mirror queue was full.", default=0,
+                             minimum=0)
+    compared: int = api_field("Rows whose candidate and serving outputs were compared.", default=0, minimum=0)
+    agreement: float = api_field("Sum over the compared rows of their agreement (0 to 1 each).", default=0.0,
+                                 minimum=0.0)
+    labels: int = api_field("Ground-truth labels for rows the candidate predicted.", default=0, minimum=0)
+    right: int = api_field("Of those, rows the candidate predicted right.", default=0, minimum=0)
+    serving_labels: int = api_field("Ground-truth labels for rows the serving revision answered meanwhile.",
+                                    default=0, minimum=0)
+    serving_right: int = api_field("Of those, rows the serving revision predicted right.", default=0, minimum=0)
+    candidate_latency: list[int] = api_field("Candidate ONNX Runtime run times: counts per bucket of "
+                                             "kompressor.api.defaults.ONLINE_LATENCY_BUCKETS, then +Inf.",
+                                             default_factory=list, max_items=64)
+    serving_latency: list[int] = api_field("The serving revision's run times on the compared requests, per bucket.",
+                                           default_factory=list, max_items=64)
+
+
+@dataclass
+class OnlineStage:
+    """A candidate being judged on live traffic (spec.promotion.strategy shadow or canary)."""
+
+    revision: int = api_field("The candidate revision.", required=True, minimum=1)
+    strategy: str = api_field("shadow or canary.", required=True, enum=ONLINE_STRATEGIES)
+    step: int = api_field("Canary: index of the step in spec.promotion.canary.steps (shadow: 0).", default=0,
+                          minimum=0)
+    weight: float = api_field("Percent of live traffic the candidate answers now (shadow: 0).", default=0.0,
+                              minimum=0.0, maximum=100.0)
+    started_at: str | None = api_field("When the stage started (RFC 3339).")
+    step_started_at: str | None = api_field("When the current step started (RFC 3339).")
+    step_start_requests: int = api_field("totals.requests when the current step started.", default=0, minimum=0)
+    totals: OnlineCounts = api_field("Evidence so far, summed over serving processes (kept across their restarts "
+                                     "and the operator's).", default_factory=OnlineCounts)
+    sources: dict[str, OnlineCounts] | None = api_field(
+        "The last counts read from each serving process (by instance), so that a count is added once.",
+        map_of=OnlineCounts)
+    outcome: str | None = api_field("The latest online verdict: Successful, Failed, Inconclusive or Error.",
+                                    enum=GATE_OUTCOMES)
+    results: list[GateResult] = api_field("The latest online gate results.", default_factory=list)
+
+
+@dataclass
+class OnlineVerdict:
+    """How a revision's online stage ended."""
+
+    strategy: str = api_field("shadow or canary.", required=True, enum=ONLINE_STRATEGIES)
+    outcome: str = api_field("Successful, Failed, Inconclusive, Error, or Superseded (a newer compression started).",
+                             required=True, enum=ONLINE_OUTCOMES)
+    results: list[GateResult] = api_field("The online gate results it ended on.", default_factory=list)
+    requests: int = api_field("Live requests the candidate saw.", default=0, minimum=0)
+    steps_passed: int = api_field("Canary steps passed.", default=0, minimum=0)
+    decided_at: str | None = api_field("When it ended (RFC 3339).")
 
 
 @dataclass
@@ -212,4 +303,5 @@ class CompressedModelStatus:
     handled_retry: str | None = api_field("Last kompressor.io/retry token acted on.")
     handled_resume: str | None = api_field("Last kompressor.io/resume token acted on.")
     drift: DriftVerdict | None = api_field("Latest drift verdict.")
+    online: OnlineStage | None = api_field("The online stage in progress (shadow or canary).")
     conditions: list[Condition] = api_field("Conditions.", default_factory=list)

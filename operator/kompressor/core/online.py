@@ -46,7 +46,7 @@ def begin(run: Run, revision: Revision) -> None:
             promotion.promote(run, revision, rollback=False)
             return
         promotion.promote(run, baseline, rollback=False)  # serves while the first candidate is judged
-    weight = float(run.spec.promotion.canary.steps[0]) if strategy == "canary" else 0.0
+    weight = float(run.spec.promotion.canary.percentages()[0]) if strategy == "canary" else 0.0
     st.online = OnlineStage(revision=revision.revision, strategy=strategy, weight=weight, started_at=run.stamp,
                             step_started_at=run.stamp, sources={})
     what = "shadow (a copy of live requests)" if strategy == "shadow" else f"canary at {weight:g} % of live requests"
@@ -202,7 +202,7 @@ def quantile(counts: list[int], q: float) -> float | None:
 
 def _passed(run: Run, stage: OnlineStage, revision: Revision, results: list[GateResult],
             inconclusive: bool = False) -> None:
-    steps = run.spec.promotion.canary.steps
+    steps = run.spec.promotion.canary.percentages()
     if stage.strategy == "canary" and stage.step + 1 < len(steps) and not inconclusive:
         stage.step += 1
         stage.weight = float(steps[stage.step])
@@ -250,7 +250,7 @@ def _progress(run: Run, stage: OnlineStage) -> str:
     need = run.spec.promotion.online_gates.min_requests
     step_requests = stage.totals.requests - stage.step_start_requests
     where = ("shadowing" if stage.strategy == "shadow" else
-             f"canary step {stage.step + 1}/{len(run.spec.promotion.canary.steps)} at {stage.weight:g} %")
+             f"canary step {stage.step + 1}/{len(run.spec.promotion.canary.percentages())} at {stage.weight:g} %")
     agreement = (f", agreement {stage.totals.agreement / stage.totals.compared:.4f}" if stage.totals.compared else "")
     return (f"revision {stage.revision} {where} against revision {run.st.current_revision}: "
             f"{step_requests}/{need} live requests{agreement}")
