@@ -24,24 +24,48 @@ def evaluate_argv(spec: str, candidate: str, out: str) -> list[str]:
 
 def serve_argv(artifact: str, name: str, port: int, capture: str | None, host: str = "0.0.0.0",
                grpc_port: int | None = None, workers: int | None = None, batching=None, performance=None,
-               feedback_token_file: str | None = None) -> list[str]:
+               feedback_token_file: str | None = None, online: "OnlineServing | None" = None) -> list[str]:
     """``workers`` None: ``--workers 0``, one per CPU of the container's limit. ``batching``: a
     spec.serving.batching (max_batch_size, max_delay_ms), or None for none. ``performance``: a
     spec.drift.performance, which turns the feedback endpoint on (``--feedback --feedback-window``) and forces
-    ``--workers 1`` (labels must reach the process that answered the request); ``feedback_token_file`` guards it."""
-    if performance is not None:
+    ``--workers 1`` (labels must reach the process that answered the request); ``feedback_token_file`` guards it.
+    ``online``: spec.promotion.strategy is shadow or canary (one worker: the evidence is per process)."""
+    feedback = performance is not None or (online is not None and online.labels)
+    if performance is not None or online is not None:
         workers = 1
     argv = [*ENTRYPOINT, "serve", "--artifact", artifact, "--name", name, "--port", str(port), "--host", host,
             "--workers", str(workers or d.SERVING_AUTO_WORKERS)]
-    if performance is not None:
-        argv += ["--feedback", "--feedback-window", str(performance.window)]
+    if feedback:
+        window = performance.window if performance is not None else d.SERVING_FEEDBACK_WINDOW
+        argv += ["--feedback", "--feedback-window", str(window)]
         if feedback_token_file:
             argv += ["--feedback-token-file", feedback_token_file]
     if grpc_port:
         argv += ["--grpc-port", str(grpc_port)]
     if batching is not None:
         argv += ["--max-batch-size", str(batching.max_batch_size), "--max-batch-delay-ms", str(batching.max_delay_ms)]
+    if online is not None:
+        argv += ["--task", online.task]
+        if online.candidate is not None:
+            path, sha256, mode, weight = online.candidate
+            argv += ["--candidate", path, "--candidate-sha256", sha256, "--candidate-mode", mode,
+                     "--candidate-weight", f"{weight:g}"]
     return argv + (["--capture", capture] if capture else [])
+
+
+class OnlineServing:
+    """What ``kompressor serve`` needs for an online stage: the task (how outputs are compared), whether labels
+    are taken (onlineGates.minAccuracy), and the candidate as (local path, sha256, mode, weight), if any."""
+
+    def __init__(self, task: str, labels: bool, candidate: tuple[str, str, str, float] | None = None):
+        self.task, self.labels, self.candidate = task, labels, candidate
+
+    @classmethod
+    def of(cls, spec, candidate: tuple[str, str, str, float] | None = None) -> "OnlineServing | None":
+        """From a CompressedModelSpec: None under strategy direct."""
+        if spec.promotion.strategy == "direct":
+            return None
+        return cls(spec.model.task, spec.promotion.online_gates.min_accuracy is not None, candidate)
 
 
 def watcher_argv(spec: str, capture: str, verdict: str, revision: int, reference: str | None = None,

@@ -96,7 +96,8 @@ class ModelRunner:
         self.jobs = LocalJobs(self.files.jobs, self.files.logs, self.poke, self._job_output)
         self.serving = LocalServing(cm.name, port, self.files, self.poke, grpc_port=cm.spec.serving.grpc_port,
                                     workers=cm.spec.serving.workers, batching=cm.spec.serving.batching,
-                                    performance=cm.spec.drift.performance if cm.spec.drift.enabled else None)
+                                    performance=cm.spec.drift.performance if cm.spec.drift.enabled else None,
+                                    online=commands.OnlineServing.of(cm.spec))
         self._reports: dict[int, tuple[float, EvalReport]] = {}
         self._verdict_text: str | None = None
         self.task: asyncio.Task | None = None
@@ -146,6 +147,7 @@ class ModelRunner:
         self.serving.grpc_port, self.serving.workers, self.serving.batching = (serving.grpc_port, serving.workers,
                                                                                serving.batching)
         self.serving.performance = self.cm.spec.drift.performance if self.cm.spec.drift.enabled else None
+        self.serving.online = commands.OnlineServing.of(self.cm.spec)
         if self.cm.generation != before.generation:
             log("spec changed", model=self.key, generation=self.cm.generation)
             _note_cluster_only(self.cm)
@@ -205,6 +207,7 @@ class ModelRunner:
             jobs=self.jobs.states(),
             serving=self.serving.state(),
             reports=self._read_reports(status),
+            online=self.serving.readings if status.online is not None else (),
         )
 
     def _read_reports(self, status: CompressedModelStatus) -> dict[int, EvalReport]:
@@ -231,6 +234,8 @@ class ModelRunner:
     async def reconcile_until_stable(self) -> None:
         from kompressor.core.reconcile import reconcile
 
+        if self.status.online is not None:  # the online stage's evidence, read once per pass
+            await self.serving.read_online()
         for _ in range(MAX_PASSES):
             decision = reconcile(self.observe())
             changed = self._write_status(decision.status)

@@ -5,6 +5,12 @@
 (``POST /v2/repository/models/{name}/load``), so requests keep flowing; and it (re)starts
 ``kompressor watch-drift`` whenever the revision, the reference data or the spec changes.
 A process that dies is restarted by the next ``Serve``, with a growing back-off.
+
+An online stage's candidate (``Serve.candidate``) is set on the running server, as a cluster's serving Pod
+would be given it in its arguments, but without a restart: ``POST .../candidate`` (a new candidate, or the
+next canary weight, which keeps the counts) and ``DELETE .../candidate``. ``read_online`` fetches the server's
+evidence (``GET /v2/models/{name}/online``) for the next observation; a candidate the server refused is
+reported as an error reading.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import aiohttp
 
 from kompressor import commands
 from kompressor.console import log
-from kompressor.core.actions import Serve
-from kompressor.core.observed import ServingState
+from kompressor.api import defaults as d
+from kompressor.api.status import OnlineCounts
+from kompressor.core.actions import OnlineCandidate, Serve
+from kompressor.core.observed import OnlineReading, ServingState
 from kompressor.embedded.layout import ModelDir, append_jsonl
 from kompressor.embedded.processes import Child
+from kompressor.online_evidence import evidence_path, reading_from
 from kompressor.store import resolve_local
 
 HOST = "127.0.0.1"
@@ -46,7 +55,8 @@ class _Backoff:
 
 class LocalServing:
     def __init__(self, name: str, port: int, files: ModelDir, changed: Callable[[], None],
-                 grpc_port: int | None = None, workers: int | None = None, batching=None, performance=None):
+                 grpc_port: int | None = None, workers: int | None = None, batching=None, performance=None,
+                 online: commands.OnlineServing | None = None):
         self.name = name
         self.port = port
         self.grpc_port = grpc_port  # spec.serving.grpcPort, as given (the embedded mode assigns only REST ports)
@@ -55,6 +65,10 @@ class LocalServing:
         # spec.drift.performance: the feedback endpoint on (one worker), its accuracy read by the watcher; no token
         # (spec.serving.feedback.tokenSecretRef is a cluster Secret; here the server is on this machine)
         self.performance = performance
+        self.online = online  # spec.promotion.strategy shadow or canary (commands.OnlineServing), else None
+        self.candidate_target: tuple | None = None  # (revision, sha256, mode, weight) the server was given
+        self.candidate_error: tuple[tuple, str] | None = None  # (target, why) when the server refused it
+        self.readings: tuple[OnlineReading, ...] = ()
         self.files = files
         self.changed = changed
         self.server: Child | None = None
@@ -83,7 +97,62 @@ class LocalServing:
             await self._start_server(artifact_dir, target)
         elif target != self.server_target:
             await self._hot_swap(artifact_dir, target)
+        if self.ready:
+            await self._ensure_candidate(action.candidate)
         await self._ensure_watcher(action, spec_file)
+
+    async def _ensure_candidate(self, candidate: OnlineCandidate | None) -> None:
+        wanted = None if candidate is None else (candidate.revision, candidate.artifact.sha256, candidate.mode,
+                                                 candidate.weight)
+        if wanted == self.candidate_target or (self.candidate_error and self.candidate_error[0] == wanted):
+            return
+        url = f"{self.url}/v2/repository/models/{self.name}/candidate"
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=SWAP_TIMEOUT_SECONDS)) as http:
+                if wanted is None:
+                    async with http.delete(url) as response:
+                        text = await response.text()
+                else:
+                    body = {"parameters": {"artifact": str(resolve_local(candidate.artifact.uri)),
+                                           "sha256": candidate.artifact.sha256, "mode": candidate.mode,
+                                           "weight": candidate.weight}}
+                    async with http.post(url, json=body) as response:
+                        text = await response.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+            log("setting the candidate failed", level="warning", model=self.name, message=str(err))
+            return  # the next Serve tries again
+        if response.status != 200:
+            log("candidate refused", level="warning", model=self.name, candidate=str(wanted),
+                http_status=response.status, message=text[:300])
+            self.candidate_error = (wanted, text[:500])
+            self.changed()
+            return
+        self.candidate_target, self.candidate_error = wanted, None
+        log("candidate set" if wanted else "candidate removed", model=self.name,
+            **({"revision": wanted[0], "mode": wanted[2], "weight": wanted[3]} if wanted else {}))
+
+    async def read_online(self) -> tuple[OnlineReading, ...]:
+        """The server's evidence about its candidate (and a refused candidate as an error reading), kept for
+        ``observe``."""
+        readings: list[OnlineReading] = []
+        if self.candidate_error is not None and self.candidate_error[0] is not None:
+            (revision, sha256, mode, weight), why = self.candidate_error
+            readings.append(OnlineReading(source="refused", revision=revision, sha256=sha256, mode=mode,
+                                          weight=weight, counts=OnlineCounts(), error=why))
+        if self.ready and self.candidate_target is not None:
+            try:
+                timeout = aiohttp.ClientTimeout(total=d.ONLINE_EVIDENCE_TIMEOUT_SECONDS)
+                async with aiohttp.ClientSession(timeout=timeout) as http:
+                    async with http.get(self.url + evidence_path(self.name)) as response:
+                        body = await response.json(content_type=None) if response.status == 200 else None
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as err:
+                log("reading the online evidence failed", level="warning", model=self.name, message=str(err))
+                body = None
+            reading = reading_from(body)
+            if reading is not None:
+                readings.append(reading)
+        self.readings = tuple(readings)
+        return self.readings
 
     async def _start_server(self, artifact_dir: Path, target: tuple[int, str]) -> None:
         wait = self._server_backoff.wait_seconds()
@@ -92,9 +161,10 @@ class LocalServing:
             return
         argv = commands.serve_argv(str(artifact_dir), self.name, self.port, str(self.files.capture), host=HOST,
                                    grpc_port=self.grpc_port, workers=self.workers, batching=self.batching,
-                                   performance=self.performance)
+                                   performance=self.performance, online=self.online)
         self.server = Child(argv, self.files.logs / "serving.log")
         self.server_target, self.served_revision, self.ready = target, None, False
+        self.candidate_target, self.candidate_error = None, None  # a new process has no candidate
         await self.server.start()
         log("serving started", model=self.name, revision=target[0], url=self.url, pid=self.server.pid)
         self._spawn(self._await_ready(self.server, target[0]))
@@ -140,6 +210,8 @@ class LocalServing:
             log("hot-swap failed", level="warning", model=self.name, revision=target[0], message=str(err))
             return
         self.server_target, self.served_revision = target, target[0]
+        if self.candidate_target is not None and self.candidate_target[1] == target[1]:
+            self.candidate_target = None  # the candidate was promoted: the server dropped it
         log("serving swapped", model=self.name, revision=target[0])
         self._record(target[0])
         self.changed()

@@ -177,11 +177,16 @@ def serving_deployment(cm: CompressedModel, action: Serve, store: PodStore) -> d
     serving = cm.spec.serving
     capture = store.path(CAPTURE_KEY.format(namespace=cm.namespace, name=cm.name))
     performance = cm.spec.drift.performance if cm.spec.drift.enabled else None
-    token = serving.feedback.token_secret_ref if serving.feedback is not None and performance is not None else None
+    candidate = action.candidate
+    online = commands.OnlineServing.of(cm.spec, None if candidate is None else (
+        pod_path_of(candidate.artifact.uri), candidate.artifact.sha256, candidate.mode, candidate.weight))
+    labels_taken = performance is not None or (online is not None and online.labels)
+    token = serving.feedback.token_secret_ref if serving.feedback is not None and labels_taken else None
     argv = commands.serve_argv(pod_path_of(action.artifact.uri), cm.name, serving.port, capture,
                                grpc_port=serving.grpc_port, workers=serving.workers, batching=serving.batching,
                                performance=performance,
-                               feedback_token_file=f"{FEEDBACK_TOKEN_MOUNT}/{token.key}" if token else None)
+                               feedback_token_file=f"{FEEDBACK_TOKEN_MOUNT}/{token.key}" if token else None,
+                               online=online)
     meta = _metadata(cm, names.serving_name(cm.name), "serving", action.revision)
     probe = {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5}
     container = {

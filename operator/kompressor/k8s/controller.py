@@ -21,7 +21,7 @@ from kompressor.console import log
 from kompressor.core import scaling as core_scaling
 from kompressor.core.actions import DeleteJob, EmitEvent, Requeue, RunJob, Serve
 from kompressor.core.observed import JobState, ServingState
-from kompressor.k8s import children, creating, deleting, events, fetching, patching, scaling
+from kompressor.k8s import children, creating, deleting, events, fetching, online, patching, scaling
 from kompressor.k8s.client import ApiClient, ApiError
 from kompressor.k8s.config import OperatorConfig
 from kompressor.k8s.metrics import OperatorMetrics
@@ -136,7 +136,8 @@ class Controller:
             return
         jobs = await self._with_failure_messages(namespace, self._jobs(key))
         self.metrics.observe_jobs(jobs)
-        decision = reconcile(observe(cm, jobs, self._serving(key), self.store))
+        readings = await online.read_evidence(self.api, cm) if cm.status.online is not None else ()
+        decision = reconcile(observe(cm, jobs, self._serving(key), self.store, online=readings))
         written = await self._write_status(cm, body.get("status") or {}, decision.status)
         if written is not None:
             self._saw(key, fingerprint(written))  # its watch event is our own echo

@@ -10,7 +10,7 @@ from typing import Any, Iterable
 from kompressor.api.manifest import CompressedModel
 from kompressor.api.report import EvalReport
 from kompressor.core import names
-from kompressor.core.observed import JobState, Observed, ServingState
+from kompressor.core.observed import JobState, Observed, OnlineReading, ServingState
 from kompressor.core.scaling import wanted_ready
 from kompressor.k8s import resources as r
 from kompressor.k8s.scaling import LABEL_MIN_READY
@@ -110,7 +110,7 @@ def read_reports(store: Any, cm: CompressedModel, jobs: Iterable[JobState]) -> d
 
 
 def observe(cm: CompressedModel, jobs: Iterable[JobState], serving: ServingState | None, store: Any,
-            now: datetime | None = None) -> Observed:
+            now: datetime | None = None, online: tuple[OnlineReading, ...] = ()) -> Observed:
     jobs = tuple(sorted(jobs, key=lambda j: j.name))
     return Observed(model=cm, now=now or datetime.now(timezone.utc), jobs=jobs, serving=serving,
-                    reports=read_reports(store, cm, jobs))
+                    reports=read_reports(store, cm, jobs), online=tuple(sorted(online, key=lambda o: o.source)))
