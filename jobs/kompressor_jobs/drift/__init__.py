@@ -11,6 +11,12 @@ gives the model) is signals.py's business. The detector comes from ``spec.drift`
 ``.history.jsonl``), or ``k8s://NAMESPACE/NAME`` (a merge patch on the CompressedModel's /status). The
 verdict says what was tested (first and last capture sequence, rows, windows) and ``consecutive`` counts
 drifting windows in a row; a restarted watcher goes on from it (see watcher.py).
+
+Prediction drift (prediction.py), beside the input test: in window mode, with ``--artifact`` and a classifier (the
+first output's last axis > 1), each window's verdict also carries ``prediction``: a chi-square test of the
+window's predicted-class counts (Cochran pooling, as the chisquare detector) and a KS test of its top-1 softmax
+scores, both against the served model's predictions on the reference data. Informational: the drift policy acts
+on the verdict's own outcome. Windows whose rows were captured without outputs are Inconclusive (samples 0).
 """
 
 from __future__ import annotations

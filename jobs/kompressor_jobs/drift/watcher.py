@@ -27,7 +27,7 @@ import numpy as np
 
 from kompressor.api import defaults as d
 from kompressor.api.manifest import CompressedModel, load_manifests
-from kompressor.api.status import DriftVerdict
+from kompressor.api.status import DriftVerdict, PredictionDrift
 from kompressor.console import log
 from kompressor.errors import UserError
 from kompressor_jobs import capture
@@ -80,6 +80,7 @@ class Window:
     values: np.ndarray
     first: int
     last: int
+    outputs: np.ndarray | None = None  # the rows' captured first output (prediction drift; None: not captured)
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Watcher:
     def __init__(self, detector: Detector, capture_dir: str | Path, revision: int | None,
                  state_dir: str | Path | None = None, n_features: int | None = None,
                  max_window_age_seconds: float | None = None, signal: str = capture.SIGNAL_INPUTS,
-                 transform=None, signal_name: str | None = None):
+                 transform=None, signal_name: str | None = None, prediction=None):
         self.detector = detector
         self.n_features = n_features
         self.capture_dir = Path(capture_dir)
@@ -109,6 +110,7 @@ class Watcher:
         self.signal = signal  # what read_rows reads: inputs, or outputs (outputs and embeddings)
         self.signal_name = signal_name or signal  # what the verdict names
         self.transform = transform  # captured values -> what the detector tests (e.g. outputs -> classes)
+        self.prediction = prediction  # prediction.PredictionTest: prediction drift of each window (window mode)
         self.position = capture.Position()
         self.stint = capture.serving_start(self.capture_dir, revision)
         self.window: WindowState | None = None
@@ -260,7 +262,23 @@ class Watcher:
                 out.append(Window(values[k:], int(got.sequences[k]), int(got.sequences[-1])))
         else:
             st.pending_since = None
+        if self.prediction is not None and out:
+            self._attach_outputs(out, got)
         return out
+
+    def _attach_outputs(self, windows: list[Window], got: capture.Rows) -> None:
+        """Each window's captured first output, for prediction drift: of the rows just read when the signal is
+        the outputs, else read beside the inputs (rows captured without outputs have none)."""
+        from kompressor_jobs.drift.prediction import window_outputs
+
+        try:
+            outs = got if self.signal != capture.SIGNAL_INPUTS else capture.read_rows(
+                self.capture_dir, self.revision, windows[0].first, "outputs")
+            first = self.prediction.first_output(outs.values)
+            for window in windows:
+                window.outputs = window_outputs(first, outs.sequences, window.first, window.last, len(window.values))
+        except Exception as err:  # noqa: BLE001 - informational: those windows' prediction drift is Inconclusive
+            log("could not read the captured outputs for prediction drift", level="warning", error=repr(err))
 
     def partial_due(self, now: float | None = None) -> bool:
         """A partial window has waited ``maxWindowAgeSeconds``."""
@@ -284,7 +302,18 @@ class Watcher:
             threshold=check.threshold, samples=check.samples, consecutive=consecutive, checked_at=_now(),
             revision=self.revision, detector=self.detector.name, feature_p_values=check.feature_p_values,
             signal=self.signal_name, first_sequence=window.first, last_sequence=window.last,
-            windows=st.windows + 1, serving_since_sequence=self.stint, dropped_rows=st.dropped)
+            windows=st.windows + 1, serving_since_sequence=self.stint, dropped_rows=st.dropped,
+            prediction=self._prediction(window))
+
+    def _prediction(self, window: Window):
+        """Prediction drift of ``window`` (None when off). Informational: a failure is logged, never raised."""
+        if self.prediction is None:
+            return None
+        try:
+            return self.prediction.test(window.outputs)
+        except Exception as err:  # noqa: BLE001 - the input test's verdict must still be written
+            log("prediction drift check failed", level="warning", error=repr(err), first_sequence=window.first)
+            return PredictionDrift(outcome="Inconclusive", samples=0)
 
     def commit(self, window: Window, verdict: DriftVerdict) -> None:
         """The verdict on ``window`` was written: move past it and save where the watcher stands."""
@@ -342,6 +371,8 @@ def run(args) -> int:
                       max_window_age_seconds=spec.max_window_age_seconds, signal=signal.capture_signal,
                       transform=signal.transform, signal_name=signal.name)
     metrics = DriftMetrics(cm.name, args.metrics_port) if args.metrics_port else None
+    if not watcher.online:  # after the metrics server is up: running the model on the reference takes a while
+        watcher.prediction = _prediction_test(cm, args)
     previous = sink.read()
     if not watcher.online:
         watcher.resume(previous)
@@ -380,6 +411,18 @@ def run(args) -> int:
         if args.once:
             return 0
         time.sleep(spec.check_interval_seconds)
+
+
+def _prediction_test(cm: CompressedModel, args):
+    """prediction.PredictionTest for window mode with --artifact on a classifier, else None. Prediction drift is
+    informational: when its reference cannot be computed the watcher goes on without it."""
+    from kompressor_jobs.drift.prediction import reference_test
+
+    try:
+        return reference_test(cm, args)
+    except Exception as err:  # noqa: BLE001 - the input test goes on without it
+        log("prediction drift off: could not compute the reference predictions", level="warning", error=str(err))
+        return None
 
 
 def _performance_watch(cm: CompressedModel, args, previous: DriftVerdict | None):
@@ -422,3 +465,8 @@ def _observe(metrics, verdict: DriftVerdict, revision: int | None, sink) -> None
         first_sequence=verdict.first_sequence, last_sequence=verdict.last_sequence, windows=verdict.windows,
         dropped_rows=verdict.dropped_rows, reason=verdict.reason, accuracy=verdict.accuracy, labels=verdict.labels,
         sink=str(sink))
+    pred = verdict.prediction
+    if pred is not None:
+        log("prediction drift check", outcome=pred.outcome, class_p_value=pred.class_p_value,
+            score_p_value=pred.score_p_value, samples=pred.samples, revision=revision,
+            first_sequence=verdict.first_sequence, last_sequence=verdict.last_sequence)

@@ -116,7 +116,10 @@ def _model_section(record: ModelRecord, out_dir: Path, demo: dict | None) -> str
                  "detector; for feature-wise tests such as KS, the smallest feature-wise p-value after correction). "
                  "Below the dashed threshold the check finds drift (red points); p-values under 1e-12 are drawn at "
                  "1e-12. The shaded bands show which revision was serving. A new revision's watcher starts "
-                 "afresh, hence the gap after a swap.</p>")
+                 "afresh, hence the gap after a swap. Hollow markers, where the watcher had the served model "
+                 "(classifiers): prediction drift of the same windows, the predicted classes (chi-square, squares) "
+                 "and the top-1 score (KS, triangles) against the model's predictions on the reference data; "
+                 "informational, the drift policy acts on the filled points.</p>")
     parts.append(_img(_plot_drift(record, demo)))
     parts.append("<h3>Revision timeline</h3>" + _img(_plot_timeline(record, demo)) + _revisions_table(record))
     parts.append("<h3>Events</h3>" + _events_table(record.events))
@@ -132,10 +135,19 @@ def _status_summary(status: dict) -> str:
         "Serving revision": None if current is None else f"r{current}" + (" (baseline)" if current == 0 else ""), "Sparsity": _fmt(status.get("sparsity")),
         "Accuracy": _fmt(status.get("accuracy")),
         "Latest drift verdict": drift.get("outcome"),
+        "Latest prediction drift": _prediction_summary(drift.get("prediction")),
         "Automatic actions": status.get("autoActions"),
     }
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(str(v))}</td></tr>" for k, v in items.items() if v is not None)
     return f"<table class=kv>{rows}</table>"
+
+
+def _prediction_summary(prediction: dict | None) -> str | None:
+    if not prediction:
+        return None
+    tests = [f"{name} p={_fmt(prediction[key])}" for name, key in (("classes", "classPValue"), ("score", "scorePValue"))
+             if prediction.get(key) is not None]
+    return " ".join([str(prediction.get("outcome")), *(["(" + ", ".join(tests) + ")"] if tests else [])])
 
 
 def _probes_table(record: ModelRecord) -> str:
@@ -426,6 +438,14 @@ def _plot_drift(record: ModelRecord, demo: dict | None) -> bytes | None:
     colour = ["tab:red" if v.get("isDrift") else "tab:blue" for v in verdicts]
     ax.plot(times, p_values, c="lightgrey", zorder=2)
     ax.scatter(times, p_values, c=colour, s=25, zorder=3)
+    predicted = [(t, v["prediction"]) for t, v in zip(times, verdicts) if isinstance(v.get("prediction"), dict)]
+    for key, marker, label in (("classPValue", "s", "prediction drift: predicted classes (chi-square)"),
+                               ("scorePValue", "^", "prediction drift: top-1 score (KS)")):
+        shown = [(t, max(p[key], 1e-12), p.get("outcome")) for t, p in predicted if p.get(key) is not None]
+        if shown:
+            ax.scatter([t for t, _, _ in shown], [v for _, v, _ in shown], marker=marker, s=30, facecolor="none",
+                       edgecolor=["tab:red" if o == "Drift" else "tab:orange" for _, _, o in shown], zorder=3,
+                       label=label)
     threshold = next((v.get("threshold") for v in reversed(verdicts) if v.get("threshold") is not None), None)
     if threshold:
         ax.axhline(threshold, ls="--", c="tab:red", label=f"threshold {threshold:g}")
