@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from online_scenario import run_online_scenario
 from scenario import run_scenario
 from targets import ClusterTarget, EmbeddedTarget, EmulatorTarget, cluster_unavailable_reason
 
@@ -35,4 +36,21 @@ async def test_create_serve_drift_rollback_delete(name, tmp_path, e2e_env, eval_
     rows, labels = eval_rows
     async with TARGETS[name](tmp_path, e2e_env) as target:
         timings = await run_scenario(target, rows, labels)
+    print(f"[{name}] " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["embedded", pytest.param("cluster", marks=pytest.mark.cluster)])
+async def test_canary_rejects_a_disagreeing_candidate_then_shadow_promotes_an_agreeing_one(name, tmp_path, e2e_env,
+                                                                                         eval_rows):
+    """The online stage (docs/online-stage.md). Not on the emulator: the operator reads the evidence of each
+    serving Pod by its Pod IP, which the emulator's stand-in controllers do not give."""
+    import numpy as np
+
+    reason = skip_reason(name)
+    if reason:
+        pytest.skip(reason)
+    rows, _ = eval_rows
+    async with TARGETS[name](tmp_path, e2e_env) as target:
+        timings = await run_online_scenario(target, np.array(rows, dtype=np.float32))
     print(f"[{name}] " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
