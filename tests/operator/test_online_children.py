@@ -74,3 +74,29 @@ def test_an_evidence_answer_becomes_a_reading_keyed_by_process_and_candidate():
     assert (reading.counts.requests, reading.counts.errors, reading.counts.agreement) == (5, 1, 3.5)
     assert reading_from({"instance": "abc", "candidate": None}) is None
     assert reading_from({"instance": "abc", "candidate": {"revision": 3}}) is None  # unreadable: ignored
+
+
+def test_the_operator_exports_the_online_stage_and_forgets_it_when_it_ends():
+    from prometheus_client import CollectorRegistry
+
+    from kompressor.api.status import CompressedModelStatus, OnlineCounts, OnlineStage, OnlineVerdict, Revision
+    from kompressor.k8s.metrics import OperatorMetrics
+
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    staged = CompressedModelStatus(phase="Canary", current_revision=0, revisions=[Revision(revision=0),
+                                                                                 Revision(revision=1)],
+                                   online=OnlineStage(revision=1, strategy="canary", weight=10.0,
+                                                      totals=OnlineCounts(requests=50, compared=40, agreement=30.0)))
+    metrics.observe_status("ml", "digits", CompressedModelStatus(), staged)
+    labels = {"namespace": "ml", "name": "digits", "revision": "1", "strategy": "canary"}
+    assert registry.get_sample_value("kompressor_online_stage_weight", labels) == 10.0
+    assert registry.get_sample_value("kompressor_online_stage_requests", labels) == 50
+    assert registry.get_sample_value("kompressor_online_stage_agreement", labels) == 0.75
+
+    ended = CompressedModelStatus(phase="Rejected", current_revision=0, revisions=[
+        Revision(revision=0), Revision(revision=1, online=OnlineVerdict(strategy="canary", outcome="Failed"))])
+    metrics.observe_status("ml", "digits", staged, ended)
+    assert registry.get_sample_value("kompressor_online_stage_weight", labels) is None
+    assert registry.get_sample_value("kompressor_online_stage_verdicts_total", {"strategy": "canary",
+                                                                          "outcome": "Failed"}) == 1

@@ -25,6 +25,17 @@ class OperatorMetrics:
         self.retrains = Counter("kompressor_retrains", "Automatic retrains.", registry=registry)
         self.current_revision = Gauge("kompressor_current_revision", "Revision being served.",
                                       ["namespace", "name"], registry=registry)
+        # the online stage (shadow, canary), from status.online: what the core judged, summed over serving Pods
+        self.online_weight = Gauge("kompressor_online_stage_weight", "Percent of live traffic the candidate answers "
+                                   "(shadow: 0).", ["namespace", "name", "revision", "strategy"], registry=registry)
+        self.online_requests = Gauge("kompressor_online_stage_requests", "Live requests the candidate saw in its online "
+                                     "stage.", ["namespace", "name", "revision", "strategy"], registry=registry)
+        self.online_agreement = Gauge("kompressor_online_stage_agreement", "Mean agreement of the candidate with the "
+                                      "serving revision on live requests.", ["namespace", "name", "revision",
+                                                                            "strategy"], registry=registry)
+        self.online_verdicts = Counter("kompressor_online_stage_verdicts", "Online stages ended, by outcome.",
+                                       ["strategy", "outcome"], registry=registry)
+        self._online_labels: dict[tuple[str, str], tuple] = {}
         self._jobs_seen: set[str] = set()
 
     def observe_jobs(self, jobs: tuple[JobState, ...]) -> None:
@@ -45,6 +56,26 @@ class OperatorMetrics:
                     self.gate_outcomes.labels(result.gate, result.outcome).inc()
         if new.current_revision is not None:
             self.current_revision.labels(namespace, name).set(new.current_revision)
+        ended = {rev.revision for rev in old.revisions if rev.online is not None}
+        for rev in new.revisions:
+            if rev.online is not None and rev.revision not in ended:
+                self.online_verdicts.labels(rev.online.strategy, rev.online.outcome).inc()
+        self._observe_online(namespace, name, new)
+
+    def _observe_online(self, namespace: str, name: str, status: CompressedModelStatus) -> None:
+        stage = status.online
+        labels = None if stage is None else (namespace, name, str(stage.revision), stage.strategy)
+        previous = self._online_labels.pop((namespace, name), None)
+        if previous is not None and previous != labels:
+            self._drop_online(previous)
+        if stage is None:
+            return
+        self._online_labels[(namespace, name)] = labels
+        totals = stage.totals
+        self.online_weight.labels(*labels).set(stage.weight)
+        self.online_requests.labels(*labels).set(totals.requests)
+        if totals.compared:
+            self.online_agreement.labels(*labels).set(totals.agreement / totals.compared)
 
     def observe_event(self, reason: str) -> None:
         from kompressor.core import reasons
@@ -59,3 +90,13 @@ class OperatorMetrics:
             self.current_revision.remove(namespace, name)
         except KeyError:
             pass
+        labels = self._online_labels.pop((namespace, name), None)
+        if labels is not None:
+            self._drop_online(labels)
+
+    def _drop_online(self, labels: tuple) -> None:
+        for gauge in (self.online_weight, self.online_requests, self.online_agreement):
+            try:
+                gauge.remove(*labels)
+            except KeyError:  # never set (agreement before any row was compared)
+                pass
