@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kompressor.embedded.layout import read_jsonl
+from kompressor.embedded.report import write_report
 from runner_process import DIGITS, RunnerProcess, write_manifest
 from support.net import free_port
 
@@ -105,6 +106,10 @@ def test_a_candidate_that_disagrees_on_live_traffic_is_rejected(tmp_path, job_en
         assert "OnlineGatesFailed" in [e["reason"] for e in events_of(runner)]
     finally:
         assert runner.terminate() == 0
+    page = write_report(runner.workdir).read_text()
+    online = page.split("Online stage: candidates on live traffic", 1)[1].split("<h3>", 1)[0]
+    assert "data:image/png;base64," in online  # the agreement-over-time plot
+    assert f"<td>{strategy}</td><td>Failed</td>" in online and "online.minAgreement" in online
 
 
 def test_a_candidate_that_agrees_is_promoted_through_every_canary_step(tmp_path, job_env):

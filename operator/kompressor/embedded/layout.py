@@ -7,6 +7,7 @@
                           events.jsonl  EmitEvent actions, one JSON object a line (the Events of a cluster)
                           drift.jsonl   every drift verdict the watcher wrote, in order
                           serving.jsonl every revision the local server started serving, with the time
+                          online.jsonl  the online stage's evidence each time it changed (shadow, canary)
                           spec-g<N>.yaml  the manifest handed to the jobs of generation N
                           verdict.json  the drift watcher's latest verdict (copied into status.drift)
                           verdict.history.jsonl  every verdict the watcher wrote (one per window)
@@ -31,6 +32,7 @@ DRIFT_HISTORY_FILE = "drift.jsonl"
 VERDICT_FILE = "verdict.json"
 VERDICT_HISTORY_FILE = "verdict.history.jsonl"  # every verdict the watcher wrote (drift.sinks.history_path)
 SERVING_HISTORY_FILE = "serving.jsonl"
+ONLINE_HISTORY_FILE = "online.jsonl"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -109,6 +111,10 @@ class ModelDir:
     @property
     def serving_history(self) -> Path:
         return self.root / SERVING_HISTORY_FILE
+
+    @property
+    def online_history(self) -> Path:
+        return self.root / ONLINE_HISTORY_FILE
 
     @property
     def verdict(self) -> Path:

@@ -37,6 +37,7 @@ class ModelRecord:
     serving: list[dict]
     cards: dict[int, Path] = field(default_factory=dict)
     serving_windows: list[dict] = field(default_factory=list)  # every verdict the watcher wrote (one per window)
+    online: list[dict] = field(default_factory=list)  # the online stage's evidence as it moved (online.jsonl)
 
     @property
     def key(self) -> str:
@@ -63,7 +64,7 @@ def collect(workdir: Path) -> list[ModelRecord]:
             namespace=namespace, name=name, status=status, spec=(read_json(files.object, {}) or {}).get("spec", {}),
             reports=reports, verdicts=read_jsonl(files.drift_history), events=read_jsonl(files.events),
             serving=read_jsonl(files.serving_history), cards=cards,
-            serving_windows=read_jsonl(files.verdict_history),
+            serving_windows=read_jsonl(files.verdict_history), online=read_jsonl(files.online_history),
         ))
     return records
 
@@ -121,6 +122,14 @@ def _model_section(record: ModelRecord, out_dir: Path, demo: dict | None) -> str
                  "and the top-1 score (KS, triangles) against the model's predictions on the reference data; "
                  "informational, the drift policy acts on the filled points.</p>")
     parts.append(_img(_plot_drift(record, demo)))
+    if record.online or any(r.get("online") for r in status.get("revisions") or []):
+        parts.append("<h3>Online stage: candidates on live traffic</h3>")
+        parts.append("<p class=dim>Each candidate judged in shadow or canary (spec.promotion.strategy) against the "
+                     "revision serving then: its mean agreement with that revision on the same live requests (top-1 "
+                     "for classifiers), its accuracy on requests that got a ground-truth label, and (canary) the "
+                     "share of traffic it answered, as the operator folded the serving process' counts. The table "
+                     "gives how each stage ended and, for a rejected candidate, which online gate failed.</p>")
+        parts.append(_img(_plot_online(record)) + _online_table(record))
     parts.append("<h3>Revision timeline</h3>" + _img(_plot_timeline(record, demo)) + _revisions_table(record))
     parts.append("<h3>Events</h3>" + _events_table(record.events))
     parts.append("<h3>Model cards</h3>" + _model_cards(record, out_dir))
@@ -457,6 +466,63 @@ def _plot_drift(record: ModelRecord, demo: dict | None) -> bytes | None:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.3)
     return _png(fig)
+
+
+def _plot_online(record: ModelRecord) -> bytes | None:
+    points = [p for p in record.online if p.get("time")]
+    if not points:
+        return None
+    plt = _pyplot()
+    import matplotlib.dates as mdates
+
+    fig, (ax, share) = plt.subplots(2, 1, figsize=(11, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    for revision in sorted({p["revision"] for p in points}):
+        mine = [p for p in points if p["revision"] == revision]
+        times = _times([p["time"] for p in mine])
+        label = f"revision {revision} ({mine[-1]['strategy']}) vs revision {mine[-1].get('servingRevision')}"
+        agreement = [(t, p["agreement"]) for t, p in zip(times, mine) if p.get("agreement") is not None]
+        if agreement:
+            ax.plot(*zip(*agreement), marker="o", ms=3, label=f"{label}: agreement")
+        accuracy = [(t, p["accuracy"]) for t, p in zip(times, mine) if p.get("accuracy") is not None]
+        if accuracy:
+            ax.plot(*zip(*accuracy), marker="s", ms=3, ls="--", label=f"{label}: online accuracy")
+        share.step(times, [p["weight"] for p in mine], where="post", label=f"revision {revision}")
+    gate = (record.spec.get("promotion") or {}).get("onlineGates", {}).get("minAgreement")
+    if gate is not None:
+        ax.axhline(gate, ls=":", c="tab:red", label=f"minAgreement {gate:g}")
+    ax.set_ylabel("agreement / accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    share.set_ylabel("canary %")
+    share.set_ylim(0, 100)
+    share.grid(alpha=0.3)
+    share.set_xlabel("time")
+    share.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S"))
+    return _png(fig)
+
+
+def _online_table(record: ModelRecord) -> str:
+    rows = []
+    for revision in record.status.get("revisions") or []:
+        online = revision.get("online")
+        if not online:
+            continue
+        failing = "; ".join(f"{r['gate']} {_fmt(r.get('value'))} vs {_fmt(r.get('threshold'))} ({r['outcome']})"
+                            for r in online.get("results") or [] if r.get("outcome") != "Successful")
+        rows.append(f"<tr><td>{revision['revision']}</td><td>{_e(online['strategy'])}</td>"
+                    f"<td>{_e(online['outcome'])}</td><td>{online.get('requests', 0)}</td>"
+                    f"<td>{online.get('stepsPassed', 0)}</td><td>{_e(failing or '-')}</td></tr>")
+    stage = record.status.get("online")
+    if stage:
+        rows.append(f"<tr><td>{stage['revision']}</td><td>{_e(stage['strategy'])}</td><td>in progress "
+                    f"({_e(str(stage.get('outcome') or 'no verdict yet'))})</td>"
+                    f"<td>{(stage.get('totals') or {}).get('requests', 0)}</td><td>{stage.get('step', 0)}</td>"
+                    f"<td>-</td></tr>")
+    if not rows:
+        return ""
+    return ("<table><tr><th>revision</th><th>strategy</th><th>outcome</th><th>live requests</th>"
+            "<th>canary steps passed</th><th>gates not passed</th></tr>" + "".join(rows) + "</table>")
 
 
 def _shade_revisions(ax, record: ModelRecord, first: datetime, last: datetime) -> None:

@@ -250,11 +250,26 @@ class ModelRunner:
         before = self.status
         self.status = status
         write_json(self.files.status, wire)
+        self._record_online(before, status)
         if (before.phase, before.current_revision) != (status.phase, status.current_revision) \
                 or before.message != status.message:
             log(f"{self.key}: {status.phase}", model=self.key, phase=status.phase,
                 revision=status.current_revision, message=status.message or "")
         return True
+
+    def _record_online(self, before: CompressedModelStatus, after: CompressedModelStatus) -> None:
+        """online.jsonl: the online stage's evidence whenever it moved (for the report's plot)."""
+        stage = after.online
+        if stage is None or (before.online is not None and (before.online.totals, before.online.step) ==
+                             (stage.totals, stage.step) and before.online.revision == stage.revision):
+            return
+        totals = stage.totals
+        append_jsonl(self.files.online_history, {
+            "time": _now().isoformat(), "revision": stage.revision, "strategy": stage.strategy, "step": stage.step,
+            "weight": stage.weight, "requests": totals.requests, "errors": totals.errors, "dropped": totals.dropped,
+            "agreement": totals.agreement / totals.compared if totals.compared else None,
+            "accuracy": totals.right / totals.labels if totals.labels else None, "outcome": stage.outcome,
+            "servingRevision": after.current_revision})
 
     async def _apply(self, actions) -> None:
         loop = asyncio.get_running_loop()
