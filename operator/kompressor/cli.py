@@ -85,6 +85,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="online accuracy over the last this many labelled predictions of each revision")
     p.add_argument("--feedback-max-requests", type=int, default=d.SERVING_FEEDBACK_MAX_REQUESTS,
                    help="recent requests remembered by id for labels (oldest forgotten)")
+    p.add_argument("--candidate", help="online stage: a candidate artifact folder (or file:// URI) run beside the "
+                   "served one, in --candidate-mode (needs --workers 1; also settable at "
+                   "POST /v2/repository/models/{name}/candidate)")
+    p.add_argument("--candidate-sha256", help="the expected sha256 of the candidate's model.onnx")
+    p.add_argument("--candidate-mode", choices=["shadow", "canary"], default=d.SERVING_CANDIDATE_MODE,
+                   help="shadow: every request is also run on the candidate, off the request path; canary: the "
+                   "candidate answers --candidate-weight percent of requests")
+    p.add_argument("--candidate-weight", type=float, default=d.SERVING_CANDIDATE_WEIGHT,
+                   help="canary: percent of requests the candidate answers (0 to 100)")
+    p.add_argument("--mirror-queue", type=int, default=d.SERVING_MIRROR_QUEUE,
+                   help="requests waiting to be run on the other model; beyond it copies are dropped (and counted)")
+    p.add_argument("--task", choices=["classification", "regression", "embedding"], default=d.MODEL_TASK,
+                   help="how a candidate's agreement with the served model is measured (classification: top-1 "
+                   "equal; regression: relative closeness; embedding: cosine similarity)")
 
     p = sub.add_parser("watch-drift", help="test captured traffic for drift with Alibi Detect")
     p.add_argument("--spec", required=True, help="CompressedModel manifest (YAML)")

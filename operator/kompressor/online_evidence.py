@@ -16,6 +16,15 @@ def evidence_path(name: str) -> str:
 
 def reading_from(body) -> OnlineReading | None:
     """An OnlineReading from a ``GET /v2/models/{name}/online`` answer (None: no candidate, or unreadable)."""
+    if isinstance(body, dict) and isinstance(body.get("candidate_error"), dict):
+        refused = body["candidate_error"]  # --candidate could not be loaded: the server serves without it
+        try:
+            return OnlineReading(source=f"{body['instance']}/refused", revision=-1, sha256=str(refused["sha256"]),
+                                 mode=str(refused["mode"]), weight=float(refused["weight"]), counts=OnlineCounts(),
+                                 error=str(refused["error"]))
+        except (KeyError, TypeError, ValueError) as err:
+            log("unreadable online evidence", level="warning", error=str(err))
+            return None
     if not isinstance(body, dict) or not isinstance(body.get("candidate"), dict):
         return None
     c = body["candidate"]

@@ -50,6 +50,31 @@ With ``--feedback`` (or ``--feedback-token-file PATH``, which then requires ``Au
 when the client sent none) and exports the online accuracy per revision (see ``kompressor_jobs.serve.feedback``);
 it needs ``--workers 1``.
 
+The online stage (the ``online_stage`` extension; see ``kompressor_jobs.serve.online``): a candidate revision
+run beside the served one on live traffic and measured against it, in one of two modes. **shadow**: every
+successful request is also run on the candidate, off the request path (a queue of ``--mirror-queue`` requests; a
+copy that finds it full is dropped and counted); clients always get the served revision's answer. **canary** at
+``weight`` percent: exactly that share of requests (a deterministic splitter, not a draw) is answered by the
+candidate (its outputs and ``model_version``), and the served model runs on a copy of each of those, in the
+background. Both compare the first outputs row by row (``--task``: top-1 for classification, cosine for
+embeddings, relative closeness for regression), time both ONNX Runtime runs and, with ``--feedback``, count the
+labels of either revision's predictions. It needs ``--workers 1`` (the candidate and its counts live in one
+process). Set at start with ``--candidate DIR_OR_FILE_URI`` (``--candidate-sha256``, ``--candidate-mode``,
+``--candidate-weight``; one that cannot be loaded is logged and reported as ``candidate_error`` in the
+evidence while the served model is served alone) or live:
+
+- ``POST /v2/repository/models/{name}/candidate`` with ``{"parameters": {"artifact": ..., "sha256": ..., "mode":
+  "shadow" | "canary", "weight": <percent>}}`` (sha256 optional; mode shadow and weight 0 unless given) sets or
+  replaces it (verified, loaded and warmed up as ``load`` does; another revision than the served one, with the
+  same inputs and outputs); the same artifact in the same mode again changes only the weight and keeps the
+  counts. 400 on any problem, the old state kept. Answers ``{"candidate": <evidence>}``.
+- ``DELETE /v2/repository/models/{name}/candidate``: none any more (``{"candidate": null}``). A hot swap to the
+  candidate's revision (a promotion) ends it too.
+- ``GET /v2/models/{name}/online``: ``{"instance", "serving": {"revision"}, "candidate": null | {"revision",
+  "sha256", "mode", "weight", "requests", "errors", "dropped", "compared", "agreement", "labels", "right",
+  "serving_labels", "serving_right", "latency_buckets", "candidate_latency", "serving_latency", "since"}}``,
+  counts since the candidate was set in this process; /metrics has them too (``kompressor_online_*``).
+
 With ``--capture DIR`` the inputs of every successful request are appended to rolling files there (see
 ``kompressor_jobs.capture``) for ``kompressor watch-drift``; capture never blocks a request.
 """
@@ -85,6 +110,11 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--feedback needs one server process, got --workers {workers}: each worker remembers only "
                         f"the requests it answered, so a label landing on another worker would be refused; serve "
                         f"with --workers 1 (and scale with replicas)")
+    if getattr(args, "candidate", None) and workers > 1 and not getattr(args, "worker_control", None):
+        raise UserError(f"--candidate needs --workers 1, got --workers {workers}: the candidate and its counts live "
+                        f"in one server process; serve with --workers 1 (and scale with replicas)")
+    if getattr(args, "mirror_queue", 1) < 1:
+        raise UserError(f"--mirror-queue must be positive, got {args.mirror_queue}")
     if getattr(args, "worker_control", None):
         return _worker(args, grpc_port)
     if workers > 1:
@@ -107,6 +137,8 @@ def _single(args: argparse.Namespace, grpc_port: int) -> int:
                                  **_server_options(args))
     except OSError as err:
         raise UserError(f"--capture {args.capture}: cannot write there: {err}") from None
+    if getattr(args, "candidate", None):
+        _set_candidate(server, args)
     log("serving", model=args.name, revision=model.revision, sha256=model.sha256, host=args.host, port=args.port,
         grpc_port=grpc_port or None, capture=args.capture, max_batch_size=getattr(args, "max_batch_size", 0) or None)
     asyncio.run(_serve(server, args.host, args.port, grpc_port, header_timeout=_header_timeout(args)))
@@ -125,7 +157,41 @@ def _server_options(args: argparse.Namespace) -> dict:
             "body_timeout_seconds": getattr(args, "body_timeout_seconds", d.SERVING_BODY_TIMEOUT_SECONDS),
             "feedback": _feedback_on(args), "feedback_token": read_token(token_file) if token_file else None,
             "feedback_window": getattr(args, "feedback_window", d.SERVING_FEEDBACK_WINDOW),
-            "feedback_max_requests": getattr(args, "feedback_max_requests", d.SERVING_FEEDBACK_MAX_REQUESTS)}
+            "feedback_max_requests": getattr(args, "feedback_max_requests", d.SERVING_FEEDBACK_MAX_REQUESTS),
+            "task": getattr(args, "task", d.MODEL_TASK), "mirror_queue": getattr(args, "mirror_queue",
+                                                                              d.SERVING_MIRROR_QUEUE)}
+
+
+def _set_candidate(server, args: argparse.Namespace) -> None:
+    """--candidate: verified, loaded and warmed up, beside the served model. A bad mode or weight is a UserError
+    naming the flag; a candidate that cannot be loaded is logged and reported in the evidence
+    (``candidate_error``), and the served model is served alone: a bad candidate must not take serving down."""
+    from pathlib import Path
+
+    from kompressor.console import log
+    from kompressor.errors import UserError
+    from kompressor_jobs.serve import online
+    from kompressor_jobs.serve.model import LoadedModel
+
+    where = args.candidate
+    try:
+        if where.startswith(("file://", "pvc://")):
+            from kompressor.store import resolve_local
+
+            where = resolve_local(where)
+        mode, weight = online.check_settings(args.candidate_mode, args.candidate_weight)
+    except UserError as err:
+        raise UserError(f"--candidate {args.candidate}: {err}") from None
+    try:
+        model = LoadedModel(Path(where), args.candidate_sha256)
+        model.warm_up()
+        online.check_compatible(model, server.model)
+    except UserError as err:
+        log("candidate refused", level="error", candidate=args.candidate, error=str(err))
+        server.online.refused = {"sha256": args.candidate_sha256, "mode": mode, "weight": weight,
+                                 "error": f"--candidate {args.candidate}: {err}"}
+        return
+    server.online.set(model, mode, weight)
 
 
 def _feedback_on(args: argparse.Namespace) -> bool:

@@ -18,6 +18,7 @@ from kompressor.errors import UserError
 from kompressor_jobs.capture import CaptureWriter
 from kompressor_jobs.serve import feedback as fb
 from kompressor_jobs.serve import jsonbody
+from kompressor_jobs.serve import online as ol
 from kompressor_jobs.serve.batching import DynamicBatcher
 from kompressor_jobs.serve.metrics import InFlight, ServerMetrics
 from kompressor_jobs.serve.model import LoadedModel
@@ -27,7 +28,8 @@ from kompressor_jobs.serve.oip import HEADER_LENGTH, BadRequest, InferRequest, d
 # run itself on small models); bigger ones run in the default executor so the loop keeps answering.
 INLINE_ELEMENTS = 8192
 # OIP v2 / Triton extension names: the repository API (load = hot swap) and binary tensors on REST
-EXTENSIONS = ["model_repository", "binary_tensor_data"]
+# and the online stage (a candidate beside the serving model: kompressor_jobs.serve.online)
+EXTENSIONS = ["model_repository", "binary_tensor_data", ol.EXTENSION]
 FEEDBACK_EXTENSION = "feedback"  # POST /v2/models/{name}/feedback, with --feedback (kompressor_jobs.serve.feedback)
 REST, GRPC = "rest", "grpc"
 CLIENT_GONE = 499  # the status nginx logs for a client that closed its connection first (never sent: no one hears it)
@@ -71,7 +73,8 @@ class InferenceServer:
                  max_batch_size: int = 0, max_batch_delay_ms: float = 0.0,
                  body_timeout_seconds: float = d.SERVING_BODY_TIMEOUT_SECONDS, feedback: bool = False,
                  feedback_window: int = d.SERVING_FEEDBACK_WINDOW,
-                 feedback_max_requests: int = d.SERVING_FEEDBACK_MAX_REQUESTS, feedback_token: bytes | None = None):
+                 feedback_max_requests: int = d.SERVING_FEEDBACK_MAX_REQUESTS, feedback_token: bytes | None = None,
+                 task: str = d.MODEL_TASK, mirror_queue: int = d.SERVING_MIRROR_QUEUE):
         self.name = name
         self.model = model
         self.max_body_bytes = max_body_bytes
@@ -106,6 +109,11 @@ class InferenceServer:
                 self.metrics.online_labels.labels(name, str(revision)).set(len(window.hits))
 
             self.feedback = fb.FeedbackStore(feedback_window, feedback_max_requests, on_accuracy=exported)
+        self.online = ol.OnlineStage(name, self.metrics, task, mirror_queue)  # a candidate beside the model, if set
+        self.metrics.online_candidate_revision.labels(name).set(-1)
+        if self.feedback is not None:
+            self.online.feedback = self.feedback
+            self.feedback.on_label = self.online.labelled
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[self._errors_as_json])
@@ -120,8 +128,12 @@ class InferenceServer:
         if self.feedback is not None:
             app.router.add_post("/v2/models/{name}/feedback", self.label)
         app.router.add_post("/v2/repository/models/{name}/load", self.load)
+        app.router.add_post("/v2/repository/models/{name}/candidate", self.set_candidate)
+        app.router.add_delete("/v2/repository/models/{name}/candidate", self.delete_candidate)
+        app.router.add_get("/v2/models/{name}/online", self.online_evidence)
         app.router.add_get("/metrics", self.prometheus)
         app.on_cleanup.append(self._close_capture)
+        app.on_cleanup.append(self._close_online)
         return app
 
     @web.middleware
@@ -133,6 +145,9 @@ class InferenceServer:
                 raise
             return _error(err.status, err.reason if not err.text or err.text.startswith(str(err.status))
                           else err.text)
+
+    async def _close_online(self, app) -> None:
+        self.online.close()
 
     async def _close_capture(self, app) -> None:
         if self.capture:
@@ -152,7 +167,14 @@ class InferenceServer:
     async def run(self, model: LoadedModel, request: InferRequest) -> list:
         """The model's outputs for a decoded request. BadRequest when ORT rejects the input (what the schema
         check could not see), InferenceFailed on any other ORT error. With dynamic batching the run may be shared
-        with concurrent requests; the outputs are this request's rows all the same."""
+        with concurrent requests; the outputs are this request's rows all the same. With a candidate set, a canary
+        request may run on it instead (kompressor_jobs.serve.online): served() and the answer then name it."""
+        if self.online.candidate is not None:
+            return await self.online.run(self, model, request)
+        return await self.run_serving(model, request)
+
+    async def run_serving(self, model: LoadedModel, request: InferRequest) -> list:
+        """The serving model's run of a request: batched (--max-batch-size) or alone."""
         if self.batcher is not None:
             return await self.batcher.run(model, request)
         return await self._run_alone(model, request)
@@ -171,13 +193,20 @@ class InferenceServer:
 
     def served(self, model: LoadedModel, request: InferRequest, names: list[str], results: list, started: float,
                protocol: str) -> None:
-        """Capture and count one successful request."""
-        if self.capture is not None:  # inputs by name in their dtypes, and the outputs when all were computed
+        """Capture and count one successful request; with a candidate set, hand it to the online stage."""
+        routed = getattr(request, ol.ROUTED, None)  # set by run() on the requests to mirror, while a candidate is set
+        if routed is not None:
+            model = routed.model  # canary: maybe the candidate
+        # inputs by name in their dtypes, and the outputs when all were computed (the serving revision's only)
+        if self.capture is not None and (routed is None or not routed.by_candidate):
             captured = dict(zip(names, results)) if list(names) == list(model.output_names) else None
             self.capture.submit({spec.name: request.feeds[spec.name] for spec in model.inputs}, model.revision,
                                 outputs=captured)
+        seq = None
         if self.feedback is not None and request.request_id is not None and names and names[0] == model.output_names[0]:
-            self.feedback.remember(request.request_id, model.revision, results[0])
+            seq = self.feedback.remember(request.request_id, model.revision, results[0])
+        if routed is not None:
+            self.online.served(routed, request, names, results, seq)
         requests, batch, latency = self.metrics.for_revision(self.name, model.version, protocol)
         requests.inc()
         batch.observe(request.rows)
@@ -247,6 +276,9 @@ class InferenceServer:
         except web.HTTPException as err:
             self.failed(model, REST, str(err.status))
             raise
+        routed = getattr(decoded, ol.ROUTED, None)
+        if routed is not None:
+            model = routed.model  # canary: the candidate may have answered
         names = decoded.outputs or model.output_names
         response, chunks = encode_response(self.name, model, names, results, decoded.request_id,
                                            decoded.binary_outputs)
@@ -374,8 +406,59 @@ class InferenceServer:
             if self.capture is not None:  # before any request on the new model: rows served since count
                 self.capture.start_serving(new.revision)
             self.switch(new)
+            self.online.promoted(new)  # the candidate's revision serving now: no candidate any more
             self.metrics.swaps.labels(self.name, "loaded").inc()
         return web.json_response({"name": self.name, "version": new.version, "sha256": new.sha256})
+
+    async def set_candidate(self, request: web.Request) -> web.Response:
+        """``POST /v2/repository/models/{name}/candidate``: set (or replace, or re-weigh) the candidate. 400 with
+        the old state kept on any problem."""
+        self._find(request)
+        try:
+            body = json.loads(await self.read_body(request))
+        except BodyRefused as err:
+            return await err.answer(request)
+        except (ValueError, UnicodeDecodeError) as err:
+            return _error(400, f"request body is not valid JSON: {err}")
+        params = body.get("parameters") if isinstance(body, dict) else None
+        if not isinstance(params, dict):
+            return _error(400, 'the body must be {"parameters": {"artifact": ..., "mode": ..., "weight": ...}}')
+        artifact, sha256 = params.get("artifact"), params.get("sha256")
+        if not isinstance(artifact, str) or not artifact:
+            return _error(400, "parameters.artifact (the candidate's artifact folder) is required")
+        if sha256 is not None and not isinstance(sha256, str):
+            return _error(400, "parameters.sha256 must be a string")
+        folder = _artifact_path(artifact)
+        if folder is None:
+            return _error(400, f"parameters.artifact must be an absolute path or a file:// URI, got {artifact!r}")
+        if self.peers is not None:
+            return _error(400, "a candidate needs one server process (--workers 1)")
+        try:
+            mode, weight = ol.check_settings(params.get("mode", d.SERVING_CANDIDATE_MODE),
+                                             params.get("weight", d.SERVING_CANDIDATE_WEIGHT))
+        except UserError as err:
+            return _error(400, str(err))
+        async with self._swap_lock:
+            if sha256 and self.online.same(mode, sha256, artifact=folder):  # only the weight changes: no reload
+                return web.json_response({"candidate": self.online.reweigh(weight).evidence()})
+            try:
+                new = await load_model(folder, sha256)
+                ol.check_compatible(new, self.model)
+            except UserError as err:
+                log("candidate refused", level="warning", artifact=str(folder), error=str(err))
+                return _error(400, str(err))
+            return web.json_response({"candidate": self.online.set(new, mode, weight).evidence()})
+
+    async def delete_candidate(self, request: web.Request) -> web.Response:
+        """``DELETE /v2/repository/models/{name}/candidate``: no candidate any more."""
+        self._find(request)
+        self.online.clear("deleted")
+        return web.json_response({"candidate": None})
+
+    async def online_evidence(self, request: web.Request) -> web.Response:
+        """``GET /v2/models/{name}/online``: the candidate's counts since it was set (kompressor_jobs.serve.online)."""
+        self._find(request)
+        return web.json_response(self.online.evidence(self.model))
 
     def switch(self, new: LoadedModel) -> None:
         """Serve ``new`` from now on (one assignment: requests already running finish on the old model)."""

@@ -14,6 +14,9 @@ and the online accuracy they give per revision (``POST /v2/models/{name}/feedbac
   ``unknown_id`` (never served, or forgotten), ``duplicate`` (this id has a label already),
   ``label_out_of_range`` (not an integer class in range, or not one per row), ``unauthorized`` (bearer token
   missing or wrong, when one is required).
+- **A shadow candidate** (``kompressor_jobs.serve.online``): its predicted classes for a remembered request are kept
+  beside the serving revision's (``remember_shadow``); ``on_label`` hears of every accepted label, for the online
+  stage to count it for the candidate too. Neither touches the windows.
 
 Everything here runs on the server's event loop (one thread): no locks.
 """
@@ -63,6 +66,8 @@ class Prediction:
     classes: tuple[int, ...]  # predicted class per row
     n_classes: int
     labelled: bool = False
+    seq: int = 0  # the order it was remembered in (FeedbackStore.remembered then)
+    shadow: tuple[int, tuple[int, ...]] | None = None  # (revision, classes) of a shadow candidate, same rows
 
 
 @dataclass
@@ -108,16 +113,30 @@ class FeedbackStore:
         self.predictions: OrderedDict[str, Prediction] = OrderedDict()
         self.windows: dict[int, Window] = {}
         self.on_accuracy = on_accuracy or (lambda revision, window: None)  # after each accepted label
+        self.on_label = lambda prediction, labels: None  # after each accepted label: the online stage's hook
+        self.remembered = 0  # predictions remembered so far (the last one's seq)
 
-    def remember(self, request_id: str, revision: int, scores: np.ndarray) -> None:
-        """One served request: its revision and the predicted class of each row of its first output ``scores``."""
+    def remember(self, request_id: str, revision: int, scores: np.ndarray) -> int | None:
+        """One served request: its revision and the predicted class of each row of its first output ``scores``.
+        Returns the prediction's seq (None when nothing was remembered)."""
         if scores.ndim == 0 or scores.shape[-1] < 1:
-            return
-        classes = scores.reshape(-1, scores.shape[-1]).argmax(axis=1) if scores.ndim > 1 else scores.argmax()[None]
+            return None
         self.predictions.pop(request_id, None)  # the same id again: the newer request is the one labels refer to
-        self.predictions[request_id] = Prediction(revision, tuple(int(c) for c in classes), int(scores.shape[-1]))
+        self.remembered += 1
+        self.predictions[request_id] = Prediction(revision, _classes(scores), int(scores.shape[-1]),
+                                                  seq=self.remembered)
         while len(self.predictions) > self.max_requests:
             self.predictions.popitem(last=False)  # the oldest is forgotten
+        return self.remembered
+
+    def remember_shadow(self, request_id: str, seq: int, revision: int, scores: np.ndarray) -> None:
+        """A shadow candidate's first output for the prediction ``seq`` of ``request_id`` (ignored when that one is
+        gone, replaced or labelled already)."""
+        prediction = self.predictions.get(request_id)
+        if prediction is None or prediction.seq != seq or prediction.labelled or scores.ndim == 0 \
+                or scores.shape[-1] < 1:
+            return
+        prediction.shadow = (revision, _classes(scores))
 
     def label(self, item: Any) -> Outcome:
         """Check one label and, when it is accepted, add it to its revision's window."""
@@ -142,7 +161,14 @@ class FeedbackStore:
         for predicted, truth in zip(prediction.classes, labels):
             window.add(predicted == truth)
         self.on_accuracy(prediction.revision, window)
+        self.on_label(prediction, labels)
         return Outcome(request_id, ACCEPTED, revision=prediction.revision)
+
+
+def _classes(scores: np.ndarray) -> tuple[int, ...]:
+    """The predicted class of each row (argmax over the last axis)."""
+    classes = scores.reshape(-1, scores.shape[-1]).argmax(axis=1) if scores.ndim > 1 else scores.argmax()[None]
+    return tuple(int(c) for c in classes)
 
 
 def _is_class(value: Any, n_classes: int) -> bool:

@@ -24,6 +24,7 @@ from kompressor_jobs.serve.app import EXTENSIONS, GRPC, InferenceFailed, Inferen
 from kompressor_jobs.serve.oip import (
     BadRequest, FeedsBuilder, InferRequest, check_header, datatype_of, from_raw, from_values, raw_bytes,
 )
+from kompressor_jobs.serve.online import ROUTED
 
 M = {name: oip_proto.message(name) for name in oip_proto.MESSAGES}
 # the typed-contents field of each datatype, and the numpy type its values arrive in
@@ -134,6 +135,9 @@ class GrpcService:
             await self._abort(context, model, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except InferenceFailed as err:
             await self._abort(context, model, grpc.StatusCode.INTERNAL, str(err))
+        routed = getattr(decoded, ROUTED, None)
+        if routed is not None:
+            model = routed.model  # canary: the candidate may have answered
         names = decoded.outputs or model.output_names
         response = M["ModelInferResponse"](model_name=server.name, model_version=model.version, id=request.id)
         for name, result in zip(names, results):

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kompressor.api.defaults import ONLINE_LATENCY_BUCKETS
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -81,6 +83,38 @@ class ServerMetrics:
         self.capture_dropped = Counter("kompressor_capture_dropped_rows",
                                        "Rows not kept for drift watching (queue_full, size_cap, write_error).",
                                        ["model", "reason"], registry=r)
+        # the online stage: a candidate beside the serving revision (kompressor_jobs.serve.online)
+        self.online_candidate_revision = Gauge("kompressor_online_candidate_revision",
+                                               "Revision of the candidate run beside the serving one (-1: none).",
+                                               ["model"], registry=r, multiprocess_mode="livemostrecent")
+        self.online_candidate_weight = Gauge("kompressor_online_candidate_weight",
+                                             "Percent of requests the candidate answers (canary; shadow and none: "
+                                             "0).", ["model"], registry=r, multiprocess_mode="livemostrecent")
+        self.online_requests = Counter("kompressor_online_candidate_requests",
+                                       "Candidate runs on live requests (shadow: mirrored; canary: answered), "
+                                       "failed ones included.", ["model", "revision", "mode"], registry=r)
+        self.online_errors = Counter("kompressor_online_candidate_errors", "Candidate runs that failed.",
+                                     ["model", "revision", "mode"], registry=r)
+        self.online_dropped = Counter("kompressor_online_mirror_dropped",
+                                      "Request copies not mirrored because the mirror queue was full.", ["model"],
+                                      registry=r)
+        self.online_agreement_rows = Counter("kompressor_online_agreement_rows",
+                                             "Rows whose candidate and serving outputs were compared.",
+                                             ["model", "revision"], registry=r)
+        self.online_agreement = Counter("kompressor_online_agreement",
+                                        "Sum of the agreement (0 to 1) of the compared rows: over "
+                                        "kompressor_online_agreement_rows, the mean agreement.",
+                                        ["model", "revision"], registry=r)
+        self.online_run_seconds = Histogram("kompressor_online_run_seconds",
+                                            "ONNX Runtime run time on the compared requests, of the candidate and "
+                                            "of the serving model (role).", ["model", "revision", "role"],
+                                            buckets=ONLINE_LATENCY_BUCKETS, registry=r)
+        self.online_stage_labels = Counter("kompressor_online_stage_labels",
+                                           "Labelled rows during the candidate's stint: predicted by the candidate "
+                                           "or by the serving revision (role).", ["model", "revision", "role"],
+                                           registry=r)
+        self.online_stage_right = Counter("kompressor_online_stage_right", "Of those, rows predicted right.",
+                                          ["model", "revision", "role"], registry=r)
 
     def exposition(self) -> CollectorRegistry:
         """What /metrics shows: this registry; with several worker processes (PROMETHEUS_MULTIPROC_DIR set, see

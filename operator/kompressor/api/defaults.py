@@ -171,6 +171,8 @@ ONLINE_DEADLINE_SECONDS = 3600  # an Inconclusive stage (or canary step) waits t
 ON_INCONCLUSIVE = "reject"  # reject | promote
 # The serving process' online stage (kompressor serve --candidate ...)
 SERVING_MIRROR_QUEUE = 256  # shadow: requests waiting to be mirrored; beyond it copies are dropped (and counted)
+SERVING_CANDIDATE_MODE = "shadow"  # --candidate-mode / the candidate endpoint's parameters.mode unless given
+SERVING_CANDIDATE_WEIGHT = 0.0  # canary: percent of requests the candidate answers unless given
 ONLINE_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                           2.5, 5.0)  # upper bounds (s) of the ORT run-time histograms; a last bucket is +Inf
 ONLINE_EVIDENCE_TIMEOUT_SECONDS = 3.0  # reading one serving process' evidence (GET /v2/models/{name}/online)

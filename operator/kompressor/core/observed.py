@@ -43,7 +43,7 @@ class OnlineReading:
     (``GET /v2/models/{name}/online``); counts since that process was given that candidate."""
 
     source: str  # the process and when it was given the candidate: a new one starts its counts at 0
-    revision: int
+    revision: int  # -1 when the process could not load the candidate (``error``)
     sha256: str
     mode: str  # shadow | canary
     weight: float

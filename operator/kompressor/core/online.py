@@ -72,8 +72,8 @@ def advance(run: Run) -> None:
     # Evidence is folded and judged even while serving is not (yet, or no longer) ready at the current revision:
     # it comes only from processes that run this candidate, and judging it again after a crash that lost the
     # status must decide what the lost reconcile decided.
-    readings = [r for r in run.obs.online if r.revision == stage.revision and r.sha256 == revision.artifact.sha256
-                and r.mode == stage.strategy]
+    readings = [r for r in run.obs.online if r.sha256 == revision.artifact.sha256 and r.mode == stage.strategy
+                and (r.revision == stage.revision or r.error)]  # a process that could not load it has no revision
     fold(stage, readings)
     gates = run.spec.promotion.online_gates
     errors = sorted({r.error for r in readings if r.error})
