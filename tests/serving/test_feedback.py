@@ -228,7 +228,7 @@ def test_bad_feedback_settings_are_refused_at_start(artifacts, tmp_path, flags, 
     assert message in result.stderr
 
 
-def test_a_grpc_request_with_an_id_can_be_labelled_over_rest(artifacts, tmp_path):
+def test_a_grpc_request_can_be_labelled_over_rest_by_its_id_or_the_one_assigned(artifacts, tmp_path):
     import tritonclient.grpc as tg
 
     srv = Server(artifacts[1], "mlp", log=tmp_path / "server.log", grpc=True, extra=["--feedback"])
@@ -239,8 +239,14 @@ def test_a_grpc_request_with_an_id_can_be_labelled_over_rest(artifacts, tmp_path
         tensor.set_data_from_numpy(x)
         result = client.infer("mlp", [tensor], request_id="over-grpc")
         predicted = int(result.as_numpy("logits").argmax())
+        assert result.get_response().id == "over-grpc"
         assert post(feedback_url(srv), {"id": "over-grpc", "label": wrong(predicted)}, token=None)[0] == 200
         assert accuracy(srv) == 0.0
+        anonymous = client.infer("mlp", [tensor])  # no id: the server assigns one and returns it, as over REST
+        assigned = anonymous.get_response().id
+        assert len(assigned) == 32
+        assert post(feedback_url(srv), {"id": assigned, "label": predicted}, token=None)[0] == 200
+        assert accuracy(srv) == 0.5
     finally:
         client.close()
         srv.stop()

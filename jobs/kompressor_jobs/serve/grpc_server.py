@@ -14,6 +14,7 @@ message over ``--max-body-bytes`` RESOURCE_EXHAUSTED, an ONNX Runtime failure IN
 from __future__ import annotations
 
 import time
+import uuid
 
 import grpc
 import numpy as np
@@ -128,6 +129,8 @@ class GrpcService:
         try:
             model = server.find(request.model_name, request.model_version)
             decoded = decode_infer(request, model)
+            if server.feedback is not None and decoded.request_id is None:  # labels need an id: one is assigned
+                decoded.request_id = uuid.uuid4().hex
             results = await server.run(model, decoded)
         except NotFound as err:
             await self._abort(context, model, grpc.StatusCode.NOT_FOUND, str(err))
@@ -139,7 +142,8 @@ class GrpcService:
         if routed is not None:
             model = routed.model  # canary: the candidate may have answered
         names = decoded.outputs or model.output_names
-        response = M["ModelInferResponse"](model_name=server.name, model_version=model.version, id=request.id)
+        response = M["ModelInferResponse"](model_name=server.name, model_version=model.version,
+                                           id=decoded.request_id or "")
         for name, result in zip(names, results):
             out = response.outputs.add()
             out.name, out.datatype = name, datatype_of(result)
