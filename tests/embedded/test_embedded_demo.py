@@ -39,15 +39,17 @@ def test_demo_rolls_back_on_drift_and_writes_a_self_contained_report(tmp_path, j
         assert firsts == sorted(set(firsts)) and all(b - a >= 100 for a, b in zip(firsts, firsts[1:]))
 
     record = json.loads((workdir / "demo.json").read_text())
-    assert [m["label"] for m in record["marks"]][0] == "shifted traffic starts"
+    assert [m["label"] for m in record["marks"]][:2] == ["canary", "shifted traffic starts"]
+    assert compressed["online"]["outcome"] == "Successful" and compressed["online"]["strategy"] == "canary"
     assert record["summary"]["Inference requests"].endswith(", 0 failed")
 
     html = (workdir / "report.html").read_text()
     plots = re.findall(r"src='data:image/png;base64,([^']+)'", html)
-    assert len(plots) == 4  # probes, gains vs the baseline, drift p-values, revision timeline
+    assert len(plots) == 5  # probes, gains vs the baseline, drift p-values, the canary, revision timeline
     assert all(base64.b64decode(p).startswith(b"\x89PNG\r\n\x1a\n") for p in plots)
     assert not re.search(r"""(src|href)=['"](https?:)?//""", html)  # nothing fetched from elsewhere
-    for text in ("Gate verdicts", "maxAccuracyDrop", "RolledBack", "shifted traffic"):
+    for text in ("Gate verdicts", "maxAccuracyDrop", "RolledBack", "shifted traffic", "OnlineGatesPassed",
+                 "Online stage"):
         assert text in html
     card = workdir / "model-cards" / "default-digits-r1.md"
     assert card.is_file() and "model-cards/default-digits-r1.md" in html

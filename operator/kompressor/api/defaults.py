@@ -176,7 +176,7 @@ SERVING_CANDIDATE_WEIGHT = 0.0  # canary: percent of requests the candidate answ
 ONLINE_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                           2.5, 5.0)  # upper bounds (s) of the ORT run-time histograms; a last bucket is +Inf
 ONLINE_EVIDENCE_TIMEOUT_SECONDS = 3.0  # reading one serving process' evidence (GET /v2/models/{name}/online)
-ONLINE_POLL_SECONDS = 10.0  # reconcile at least this often during an online stage
+ONLINE_POLL_SECONDS = 5.0  # reconcile at least this often during an online stage
 ONLINE_MAX_SOURCES = 32  # serving processes whose last counts the status remembers (restarts, rollouts)
 
 REVISION_HISTORY_LIMIT = 10

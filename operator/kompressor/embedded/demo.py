@@ -1,9 +1,10 @@
 """`kompressor demo`: the whole loop on the bundled digits example, then a report.
 
 1. runs the embedded runner on the bundled manifest (demo.yaml): the builtin digits MLP is
-   compressed by an accuracy-aware sparsity search, gated and served on 127.0.0.1;
-2. sends real OIP v2 inference requests with rows of the eval set, until the drift watcher
-   has judged a few windows of this normal traffic;
+   compressed by an accuracy-aware sparsity search and gated; the baseline serves on 127.0.0.1 while the
+   compressed revision is a canary answering half of the live requests;
+2. sends real OIP v2 inference requests with rows of the eval set: the canary is judged on them and promoted,
+   then the drift watcher judges a few windows of this normal traffic;
 3. injects drift: the same rows, shifted, until the drift watcher confirms it and the runner
    rolls back to the uncompressed baseline;
 4. sends normal rows again so the recovery shows in the p-values; stops everything;
@@ -142,18 +143,28 @@ class Demo:
         runner_task = asyncio.create_task(run_until_signalled(runner, stop))
         traffic_task = None
         try:
-            self.step("started the runner: compress digits-mlp (sparsity search), evaluate the gates, serve")
-            await self.until("serve the compressed model",
+            self.step("started the runner: compress digits-mlp (sparsity search), evaluate the gates")
+            staged = await self.until("start the canary", lambda: self.status().get("phase") == "Canary"
+                                      and self.status(), DEADLINE_SERVING)
+            candidate, weight = staged["online"]["revision"], staged["online"]["weight"]
+            self.step(f"revision r{candidate} passed its gates; canary: it answers {weight:g} % of live requests "
+                      f"while the baseline r{staged['currentRevision']} answers the rest")
+            traffic = await self._traffic(runner)
+            traffic_task = asyncio.create_task(traffic.run())
+            self.mark("canary", "tab:purple")
+            self.step("sending normal traffic (eval rows over OIP v2 HTTP)")
+            await self.until("promote the canary",
                              lambda: self.status().get("phase") == "Serving" and self.status().get("currentRevision"),
                              DEADLINE_SERVING)
             status = self.status()
             compressed = status["currentRevision"]
-            self.step(f"serving revision r{compressed}: sparsity {status.get('sparsity', 0):.2f}, "
+            online = next(r["online"] for r in status["revisions"] if r["revision"] == compressed)
+            agreement = next((g["value"] for g in online["results"] if g["gate"] == "online.minAgreement"), None)
+            self.step(f"canary passed on {online['requests']} live requests"
+                      + (f" (agreement {agreement:.3f} with the baseline)" if agreement is not None else "")
+                      + f"; serving revision r{compressed}: sparsity {status.get('sparsity', 0):.2f}, "
                       f"accuracy {status.get('accuracy', 0):.3f}")
-            traffic = await self._traffic(runner)
-            traffic_task = asyncio.create_task(traffic.run())
             since = _now()
-            self.step("sending normal traffic (eval rows over OIP v2 HTTP)")
             await self.until("see the drift watcher judge normal traffic",
                              lambda: len(self.verdicts_since(since, compressed, "NoDrift")) >= NORMAL_VERDICTS,
                              DEADLINE_REACTION)
@@ -178,6 +189,8 @@ class Demo:
                 log(str(err), level="warning")
             summary = {
                 "Compressed revision": f"r{compressed} (sparsity {status.get('sparsity', 0):.2f})",
+                "Canary": f"{weight:g} % of live requests, promoted after {online['requests']} of them"
+                          + (f", agreement {agreement:.3f}" if agreement is not None else ""),
                 "Reaction time (shift start → serving r0)": f"{reaction:.1f} s",
                 "Inference requests": f"{traffic.sent} sent, {traffic.errors} failed",
                 **{f"Live accuracy, {phase} traffic": f"{s['correct'] / s['rows']:.3f} on {int(s['rows'])} rows, "
