@@ -33,7 +33,10 @@ def slow_prune() -> dict:
 
 
 def prune_pids(runner: RunnerProcess) -> dict[int, str]:
-    return {pid: cmd for pid, cmd in children_of(runner.proc.pid).items() if " prune " in cmd}
+    """The running prune jobs, once they run the job itself: a child starts as the runner's parent-death launcher
+    (``python -I -S -c ... prune ...``), which then execs the job, so its command line changes."""
+    return {pid: cmd for pid, cmd in children_of(runner.proc.pid).items()
+            if " prune " in cmd and " -I -S -c " not in cmd}
 
 
 def test_bad_input_fails_the_job_at_once_with_its_message(tmp_path, job_env):
