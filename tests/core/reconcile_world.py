@@ -203,3 +203,19 @@ class World:
 
 def names_of(world: World, kind: str, revision: int, generation: int) -> str:
     return names.job_name(NAME, kind, revision, generation)
+
+
+def drive(world: World, lifecycle, crash_at: int | None = None, crash: dict | None = None) -> World:
+    """Run ``lifecycle(world, step)``; at the ``crash_at``-th reconcile the adapter first dies part-way through
+    applying the decision (``crash``: World.step's arguments), and the next reconcile runs on what it left."""
+    count = 0
+
+    def step():
+        nonlocal count
+        count += 1
+        if count == crash_at:
+            world.step(**crash)
+        world.step()
+
+    lifecycle(world, step)
+    return world

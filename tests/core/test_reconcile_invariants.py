@@ -7,7 +7,7 @@ import sys
 from datetime import timedelta
 
 import pytest
-from reconcile_world import World, events, make_report
+from reconcile_world import World, drive, events, make_report
 
 from kompressor.api import defaults as d
 from kompressor.api.status import CONDITION_TYPES
@@ -85,18 +85,7 @@ def lifecycle(world: World, step) -> None:
 
 
 def run_lifecycle(crash_at: int | None = None, crash: dict | None = None) -> World:
-    world = World.new()
-    count = 0
-
-    def step():
-        nonlocal count
-        count += 1
-        if count == crash_at:
-            world.step(**crash)  # the adapter died part-way through applying this decision
-        world.step()
-
-    lifecycle(world, step)
-    return world
+    return drive(World.new(), lifecycle, crash_at, crash)
 
 
 REFERENCE = run_lifecycle()

@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 import pytest
-from reconcile_world import World, events, make_report, of_type
+from reconcile_world import World, drive, events, make_report, of_type
 
 from kompressor.api import defaults as d
 from kompressor.api.status import OnlineCounts
@@ -273,17 +273,7 @@ def online_lifecycle(world: World, step) -> None:
 
 def run_online(crash_at: int | None = None, crash: dict | None = None) -> World:
     world = World.new({"promotion": {"strategy": "shadow", "onlineGates": {"minRequests": 100}}})
-    count = 0
-
-    def step():
-        nonlocal count
-        count += 1
-        if count == crash_at:
-            world.step(**crash)
-        world.step()
-
-    online_lifecycle(world, step)
-    return world
+    return drive(world, online_lifecycle, crash_at, crash)
 
 
 ONLINE_REFERENCE = run_online()

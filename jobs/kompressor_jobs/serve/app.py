@@ -363,6 +363,15 @@ class InferenceServer:
         return web.json_response({"accepted": accepted, "refused": len(outcomes) - accepted,
                                   "results": [o.as_json() for o in outcomes]}, status=status)
 
+    async def _json_body(self, request: web.Request):
+        """The request's body as JSON, or the answer refusing it (a BodyRefused's, or 400 for bad JSON)."""
+        try:
+            return json.loads(await self.read_body(request))
+        except BodyRefused as err:
+            return await err.answer(request)
+        except (ValueError, UnicodeDecodeError) as err:
+            return _error(400, f"request body is not valid JSON: {err}")
+
     def _failed(self, model: LoadedModel, status: int, message: str) -> web.Response:
         self.failed(model, REST, str(status))
         return _error(status, message)
@@ -371,22 +380,14 @@ class InferenceServer:
         name = request.match_info["name"]
         if name != self.name:
             raise web.HTTPNotFound(text=f"model {name!r} not found (this server serves {self.name!r})")
-        try:
-            body = json.loads(await self.read_body(request))
-        except BodyRefused as err:
-            return await err.answer(request)
-        except (ValueError, UnicodeDecodeError) as err:
-            return _error(400, f"request body is not valid JSON: {err}")
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
         params = body.get("parameters") if isinstance(body, dict) else None
-        artifact = params.get("artifact") if isinstance(params, dict) else None
-        sha256 = params.get("sha256") if isinstance(params, dict) else None
-        if not isinstance(artifact, str) or not artifact:
-            return _error(400, "parameters.artifact (the artifact folder) is required")
-        if sha256 is not None and not isinstance(sha256, str):
-            return _error(400, "parameters.sha256 must be a string")
-        folder = _artifact_path(artifact)
-        if folder is None:
-            return _error(400, f"parameters.artifact must be an absolute path or a file:// URI, got {artifact!r}")
+        given = _artifact_parameters(params if isinstance(params, dict) else {}, "the artifact folder")
+        if isinstance(given, web.Response):
+            return given
+        folder, sha256 = given
         if self.peers is not None:  # several worker processes: every one of them swaps, or none
             try:
                 new = await self.peers.swap(folder, sha256)
@@ -414,23 +415,16 @@ class InferenceServer:
         """``POST /v2/repository/models/{name}/candidate``: set (or replace, or re-weigh) the candidate. 400 with
         the old state kept on any problem."""
         self._find(request)
-        try:
-            body = json.loads(await self.read_body(request))
-        except BodyRefused as err:
-            return await err.answer(request)
-        except (ValueError, UnicodeDecodeError) as err:
-            return _error(400, f"request body is not valid JSON: {err}")
+        body = await self._json_body(request)
+        if isinstance(body, web.Response):
+            return body
         params = body.get("parameters") if isinstance(body, dict) else None
         if not isinstance(params, dict):
             return _error(400, 'the body must be {"parameters": {"artifact": ..., "mode": ..., "weight": ...}}')
-        artifact, sha256 = params.get("artifact"), params.get("sha256")
-        if not isinstance(artifact, str) or not artifact:
-            return _error(400, "parameters.artifact (the candidate's artifact folder) is required")
-        if sha256 is not None and not isinstance(sha256, str):
-            return _error(400, "parameters.sha256 must be a string")
-        folder = _artifact_path(artifact)
-        if folder is None:
-            return _error(400, f"parameters.artifact must be an absolute path or a file:// URI, got {artifact!r}")
+        given = _artifact_parameters(params, "the candidate's artifact folder")
+        if isinstance(given, web.Response):
+            return given
+        folder, sha256 = given
         if self.peers is not None:
             return _error(400, "a candidate needs one server process (--workers 1)")
         try:
@@ -491,6 +485,19 @@ def _load_and_warm(folder: Path, sha256: str | None) -> LoadedModel:
     model = LoadedModel(folder, sha256)
     model.warm_up()
     return model
+
+
+def _artifact_parameters(params: dict, folder_is: str) -> tuple[Path, str | None] | web.Response:
+    """(artifact folder, expected sha256) from a load or candidate body's ``parameters``, or the 400 refusing them."""
+    artifact, sha256 = params.get("artifact"), params.get("sha256")
+    if not isinstance(artifact, str) or not artifact:
+        return _error(400, f"parameters.artifact ({folder_is}) is required")
+    if sha256 is not None and not isinstance(sha256, str):
+        return _error(400, "parameters.sha256 must be a string")
+    folder = _artifact_path(artifact)
+    if folder is None:
+        return _error(400, f"parameters.artifact must be an absolute path or a file:// URI, got {artifact!r}")
+    return folder, sha256
 
 
 def _artifact_path(artifact: str) -> Path | None:

@@ -207,7 +207,6 @@ def _passed(run: Run, stage: OnlineStage, revision: Revision, results: list[Gate
         stage.step += 1
         stage.weight = float(steps[stage.step])
         stage.step_started_at, stage.step_start_requests = run.stamp, stage.totals.requests
-        stage.sources = stage.sources or {}
         run.event(reasons.CANARY_STEP, f"Revision {stage.revision} passed canary step {stage.step} online; now "
                   f"answering {stage.weight:g} % of live requests")
         if run.serving_at(run.st.current_revision):
