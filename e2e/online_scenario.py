@@ -1,11 +1,11 @@
-"""The online-stage scenario, from the outside only (manifests, OIP v2 requests, status), on the embedded and the
-cluster targets:
+"""The online-stage scenarios, from the outside only (manifests, OIP v2 requests, status), on the embedded and the
+cluster targets. Each strategy rejects once and promotes once, over the two orders:
 
-    create (canary 20 % then 60 %, a 90 % sparse candidate that passes its offline gates)
-      ─► the baseline serves, the candidate answers its share of live traffic unlike the eval data
-      ─► Rejected online (agreement too low); it never answered more than its 20 %; all answers from revision 0
-    edit (shadow, a 30 % sparse candidate) ─► Shadowing: every answer from revision 0 while it is judged
-      ─► live eval traffic ─► promoted: Serving the new revision ─► delete
+    create (REJECT_WITH, a 90 % sparse candidate that passes its offline gates; canary: 20 % then 60 %)
+      ─► the baseline serves, the candidate sees live traffic unlike the eval data
+      ─► Rejected online (agreement too low); all answers from revision 0, but a canary's share at most
+    edit (PROMOTE_WITH, a 30 % sparse candidate) ─► Shadowing or Canary ─► live eval traffic
+      ─► promoted: Serving the new revision (shadow: every answer from revision 0 until then) ─► delete
 """
 
 from __future__ import annotations
@@ -20,7 +20,10 @@ import numpy as np
 from scenario import DEADLINES, MODEL, NAME, wait_status, wait_until
 
 MIN_REQUESTS = 40
-FIRST_STEP = 20
+STEPS = [20, 60]
+FIRST_STEP = STEPS[0]
+PHASES = {"shadow": "Shadowing", "canary": "Canary"}
+WEIGHTS = {"shadow": 0, "canary": FIRST_STEP}  # status.online.weight as the stage starts
 
 
 def online_model(strategy: str, sparsity: float, epochs: int) -> dict:
@@ -29,7 +32,7 @@ def online_model(strategy: str, sparsity: float, epochs: int) -> dict:
     spec["drift"] = {"enabled": False}
     spec["compression"]["pruning"].update(sparsity=sparsity, fineTuneEpochs=epochs)
     spec["gates"] = {"maxAccuracyDrop": 0.1}
-    spec["promotion"] = {"strategy": strategy, "canary": {"steps": [FIRST_STEP, 60]},
+    spec["promotion"] = {"strategy": strategy, "canary": {"steps": STEPS},
                          "onlineGates": {"minRequests": MIN_REQUESTS, "minAgreement": 0.85}}
     return doc
 
@@ -71,14 +74,15 @@ async def judged_under(target, traffic: LiveTraffic, what: str, check, deadline:
             await asyncio.gather(sender, return_exceptions=True)
 
 
-async def run_online_scenario(target, eval_rows: np.ndarray) -> dict:
+async def run_online_scenario(target, eval_rows: np.ndarray, reject_with: str, promote_with: str) -> dict:
     timings, started = {}, time.monotonic()
     unlike_eval = np.random.default_rng(7).uniform(eval_rows.min(), eval_rows.max(),
                                                    size=(400, eval_rows.shape[1])).astype(np.float32)
-    await target.apply(online_model("canary", 0.9, 3))
-    status = await wait_status(target, "the canary", lambda s: s.get("phase") == "Canary", DEADLINES["serving"])
-    assert status["currentRevision"] == 0 and status["online"]["weight"] == FIRST_STEP
-    timings["create_to_canary"] = time.monotonic() - started
+    await target.apply(online_model(reject_with, 0.9, 3))
+    status = await wait_status(target, f"the {reject_with} stage", lambda s: s.get("phase") == PHASES[reject_with],
+                               DEADLINES["serving"])
+    assert status["currentRevision"] == 0 and status["online"]["weight"] == WEIGHTS[reject_with]
+    timings["create_to_stage"] = time.monotonic() - started
 
     traffic = LiveTraffic(target, unlike_eval)
     status = await judged_under(target, traffic, "the online rejection", lambda s: s.get("phase") == "Rejected",
@@ -87,20 +91,27 @@ async def run_online_scenario(target, eval_rows: np.ndarray) -> dict:
     assert verdict["outcome"] == "Failed" and "online.minAgreement" in status["message"], status["message"]
     assert status["currentRevision"] == 0
     share = traffic.versions.count(str(status["revisions"][-1]["revision"])) / len(traffic.versions)
-    assert 0 < share <= FIRST_STEP / 100 + 0.1, share  # never beyond its canary share (a few late answers)
+    if reject_with == "canary":
+        assert 0 < share <= FIRST_STEP / 100 + 0.1, share  # never beyond its canary share (a few late answers)
+    else:
+        assert share == 0, share  # shadowed: never answered a client
 
     rejected_at = time.monotonic()
-    await target.apply(online_model("shadow", 0.3, 0))
-    status = await wait_status(target, "shadowing the next candidate", lambda s: s.get("phase") == "Shadowing",
-                               DEADLINES["serving"])
+    await target.apply(online_model(promote_with, 0.3, 0))
+    status = await wait_status(target, f"the next candidate's {promote_with} stage",
+                               lambda s: s.get("phase") == PHASES[promote_with], DEADLINES["serving"])
     candidate = status["online"]["revision"]
     traffic = LiveTraffic(target, eval_rows.astype(np.float32))
     status = await judged_under(target, traffic, f"revision {candidate} promoted",
                                 lambda s: s.get("currentRevision") == candidate, DEADLINES["serving"])
-    assert status["revisions"][-1]["online"]["outcome"] == "Successful"
+    verdict = status["revisions"][-1]["online"]
+    assert verdict["outcome"] == "Successful"
     assert set(traffic.versions) <= {"0", str(candidate)} and traffic.versions.count("0") >= MIN_REQUESTS
     first = traffic.versions.index(str(candidate)) if str(candidate) in traffic.versions else len(traffic.versions)
-    assert set(traffic.versions[:first]) == {"0"}  # shadowed: clients heard only the serving revision
+    if promote_with == "shadow":
+        assert set(traffic.versions[:first]) == {"0"}  # shadowed: clients heard only the serving revision
+    else:
+        assert verdict["stepsPassed"] == len(STEPS), verdict  # every canary step judged before the last
     await wait_status(target, "Serving", lambda s: s.get("phase") == "Serving", DEADLINES["rollback"])
     timings["rejected_to_promoted"] = time.monotonic() - rejected_at
 

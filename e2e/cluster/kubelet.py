@@ -36,7 +36,11 @@ How a container becomes a process (what differs from a container runtime, all he
   ("may not be in the loopback range"), so only the former gives Services real endpoints. B is this
   kubelet's own /24 block (PodAddresses): every kubelet on the machine shares the /16 on ``lo``, and
   each holds a lock on the block it took, so two clusters on one machine (a test session and
-  ``up.sh``) never give two Pods one address.
+  ``up.sh``) never give two Pods one address. Service names resolve as a headless Service's do (there
+  is neither cluster DNS nor kube-proxy): the kubelet keeps ``--state-dir``/dns/services.json, each
+  ``svc.ns.svc`` -> its ready endpoint addresses from the EndpointSlices, and podshim answers
+  getaddrinfo from it (``svc``, ``svc.ns``, ``svc.ns.svc[.cluster.local]``), so a Service is reached
+  by name where its ``port`` is its ``targetPort`` (nothing remaps ports).
 - Resource requests/limits, securityContext and readOnly are not enforced; a container's stdout
   and stderr go to ``--state-dir``/pods/NAMESPACE_NAME_UID/CONTAINER.log.
 - The termination message: each run of a container gets a fresh, empty file for its
@@ -80,7 +84,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterable
 from urllib.parse import quote, urlparse
 
 import aiohttp
@@ -102,6 +106,7 @@ TERMINATION_PATH = "/dev/termination-log"  # the API server's default terminatio
 TERMINATION_MESSAGE_BYTES = 4096
 TERMINATION_LOG_LINES, TERMINATION_LOG_BYTES = 80, 2048
 STAGE = "/run/process-kubelet-stage"  # mount namespaces: where each volume is bound before its mountPath
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"  # an EndpointSlice's Service
 _SCRATCH = ["PYTHONDONTWRITEBYTECODE", "PYTHONUNBUFFERED"]
 
 # Image repository (last path segment, no tag/digest) -> ENTRYPOINT, CMD, ENV of its Dockerfile.
@@ -664,6 +669,8 @@ class PodWorker:
         workdir = spec.get("workingDir") or image_config(spec.get("image", ""))["workdir"]
         env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR), *filter(None, [env.get("PYTHONPATH")])])
         env["PROCESS_KUBELET_POD_IP"] = self.ip
+        env["PROCESS_KUBELET_POD_NAMESPACE"] = self.namespace
+        dns_file = self.kubelet.dns_file
         if MOUNT_NAMESPACES:
             # Real mounts at the real paths, in a mount namespace of the process's own: no rewriting.
             mounts = self._mounts(spec) + _image_binds(self._mounts(spec))
@@ -671,6 +678,8 @@ class PodWorker:
             # cannot hide a source that lives below it (the kubelet's state dir may be under /tmp).
             if c.termination is not None:  # its folder at a path no volume can hide (a volume at /tmp, say)
                 mounts.append((f"{STAGE}/termination", c.termination.parent))
+            mounts.append((f"{STAGE}/dns", dns_file.parent))  # the same (a folder: os.replace shows through)
+            dns = f"{STAGE}/dns/{dns_file.name}"
             n, stage = len(mounts), STAGE
             # ${N}, not $N: sh reads "$10" as "$1" followed by "0"
             script = "".join(f'mkdir -p {stage}/{i} && mount --bind "${{{i + 1 + n}}}" {stage}/{i} && ' for i in range(n))
@@ -690,6 +699,8 @@ class PodWorker:
             cwd = root.map_path(workdir) if workdir != "/" else str(root.root)
             Path(cwd).mkdir(parents=True, exist_ok=True)
             termination = str(c.termination) if c.termination else None
+            dns = str(dns_file)  # set after the rewriting: it is a host path
+        env["PROCESS_KUBELET_DNS_FILE"] = dns
         if termination:
             path = spec.get("terminationMessagePath") or TERMINATION_PATH
             argv = [_name_file(a, path, termination) for a in argv]
@@ -982,6 +993,23 @@ def _changed_conditions(status: dict, old: dict) -> dict:
     return status
 
 
+def service_addresses(slices: Iterable[dict]) -> dict[str, list[str]]:
+    """What cluster DNS answers for a headless Service: ``"svc.ns.svc"`` -> the sorted addresses of the
+    endpoints of its EndpointSlices whose ``conditions.ready`` is not false. A Service whose slices have
+    no ready endpoint maps to [] (its name exists but does not resolve)."""
+    out: dict[str, set[str]] = {}
+    for item in slices:
+        meta = item.get("metadata") or {}
+        service = (meta.get("labels") or {}).get(SERVICE_NAME_LABEL)
+        if not service or item.get("addressType", "IPv4") != "IPv4":  # podshim answers AF_INET only
+            continue
+        addresses = out.setdefault(f"{service}.{meta['namespace']}.svc", set())
+        for endpoint in item.get("endpoints") or []:
+            if (endpoint.get("conditions") or {}).get("ready") is not False:
+                addresses.update(endpoint.get("addresses") or [])
+    return {key: sorted(addresses) for key, addresses in sorted(out.items())}
+
+
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -1117,6 +1145,9 @@ class Kubelet:
         self.provision = provision
         self.workers: dict[str, PodWorker] = {}
         self.finished: set[str] = set()
+        self.dns_file = state_dir / "dns" / "services.json"  # podshim's Service names (service_addresses)
+        self._slices: dict[str, dict] = {}  # EndpointSlice uid -> the slice
+        self._dns: dict[str, list[str]] | None = None  # what dns_file holds
         url = urlparse(admin.server)
         self.api_server = _ApiServerAddress(url.hostname or "127.0.0.1", url.port or 443, admin.ca_file)
 
@@ -1152,6 +1183,9 @@ class Kubelet:
         tasks = [asyncio.create_task(self._heartbeats(node)) for node in self.nodes]
         listed = [asyncio.Event() for _ in self.nodes]
         tasks += [asyncio.create_task(self._watch_pods(node, ev)) for node, ev in zip(self.nodes, listed)]
+        self._write_dns()  # exists (empty) before any Pod runs; filled once the slices are listed
+        listed.append(asyncio.Event())
+        tasks.append(asyncio.create_task(self._watch_endpoint_slices(listed[-1])))
         if self.provision:
             tasks.append(asyncio.create_task(self._provision_loop()))
         for ev in listed:
@@ -1221,6 +1255,39 @@ class Kubelet:
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as err:
                 log.info("node %s: pod watch: %s; again in 1 s", node.name, err)
                 await asyncio.sleep(1)
+
+    async def _watch_endpoint_slices(self, listed: asyncio.Event) -> None:
+        """Keeps dns_file: the ready endpoint addresses of every Service, from its EndpointSlices."""
+        path, selector = "/apis/discovery.k8s.io/v1/endpointslices", {"labelSelector": SERVICE_NAME_LABEL}
+        while True:
+            try:
+                slices = await self.admin.get(path, **selector)
+                self._slices = {item["metadata"]["uid"]: item for item in slices["items"]}
+                self._write_dns()
+                listed.set()
+                rv = slices["metadata"]["resourceVersion"]
+                while True:
+                    async for event in self.admin.watch(path, {**selector, "resourceVersion": rv}):
+                        obj = event.get("object") or {}
+                        if event["type"] == "ERROR":
+                            raise Expired(obj.get("message", ""))
+                        rv = obj.get("metadata", {}).get("resourceVersion", rv)
+                        if event["type"] == "DELETED":
+                            self._slices.pop(obj["metadata"]["uid"], None)
+                        elif event["type"] in ("ADDED", "MODIFIED"):
+                            self._slices[obj["metadata"]["uid"]] = obj
+                        self._write_dns()
+            except Expired:
+                continue
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as err:
+                log.info("endpointslice watch: %s; again in 1 s", err)
+                await asyncio.sleep(1)
+
+    def _write_dns(self) -> None:
+        records = service_addresses(self._slices.values())
+        if records != self._dns:
+            _write(self.dns_file, json.dumps(records, indent=1, sort_keys=True).encode())
+            self._dns = records
 
     def _pod_event(self, node: Node, kind: str, pod: dict) -> None:
         if (pod.get("spec") or {}).get("nodeName") != node.name:

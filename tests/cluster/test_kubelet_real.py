@@ -198,6 +198,69 @@ def test_probes_restarts_and_endpoints(core, cluster, api_client):
          and s[0].restart_count >= 1, 60, "a liveness restart", cluster.diagnostics)
 
 
+DNS_CLIENT = r"""
+import json, socket, sys, urllib.request
+try:
+    addresses = sorted({i[4][0] for i in socket.getaddrinfo(sys.argv[1], 8081, socket.AF_INET, socket.SOCK_STREAM)})
+    print(json.dumps({"addresses": addresses}), flush=True)
+    for name in sys.argv[1:]:
+        with urllib.request.urlopen(f"http://{name}:8081/", timeout=10) as resp:
+            assert resp.status == 200, resp.status
+except (socket.gaierror, OSError) as err:
+    reason = getattr(err, "reason", err)  # urllib wraps it in a URLError
+    print("failed:", repr(reason), flush=True)
+    if isinstance(reason, socket.gaierror):
+        raise SystemExit(7 if reason.errno == socket.EAI_NONAME else 8)
+    raise
+"""
+
+
+def test_pods_resolve_service_names_to_ready_endpoints(core, cluster, api_client):
+    """No cluster DNS: the kubelet keeps each Service's ready endpoint addresses in a file and podshim answers
+    getaddrinfo from it, as for a headless Service (port == targetPort: nothing remaps ports)."""
+    from kubernetes import client
+
+    discovery = client.DiscoveryV1Api(api_client)
+    server = _pod("dns-server", "", terminationGracePeriodSeconds=1, container={
+        "command": ["python", "-m", "http.server", "8081", "--bind", "0.0.0.0"],
+        "readinessProbe": {"httpGet": {"path": "/", "port": 8081}, "periodSeconds": 1}})
+    server["metadata"]["labels"] = {"app": "dns-web"}
+    core.create_namespaced_pod(NAMESPACE, server)
+    for name, app in (("dns-web", "dns-web"), ("dns-nobody", "nobody")):  # the second selects no Pod
+        core.create_namespaced_service(NAMESPACE, {"metadata": {"name": name}, "spec": {
+            "selector": {"app": app}, "ports": [{"port": 8081, "targetPort": 8081}]}})
+
+    def slices(service):
+        return discovery.list_namespaced_endpoint_slice(
+            NAMESPACE, label_selector=f"kubernetes.io/service-name={service}").items
+
+    def ready_addresses():
+        return [a for item in slices("dns-web") for e in item.endpoints or [] if e.conditions.ready for a in e.addresses]
+
+    server_ips = wait(ready_addresses, 120, "a ready endpoint of dns-web", cluster.diagnostics)
+    assert server_ips == [core.read_namespaced_pod("dns-server", NAMESPACE).status.pod_ip]
+    wait(lambda: slices("dns-nobody"), 60, "the (empty) EndpointSlice of dns-nobody", cluster.diagnostics)
+    dns_file = cluster.kubelet_dir / "dns" / "services.json"
+    wait(lambda: json.loads(dns_file.read_text()).get(f"dns-nobody.{NAMESPACE}.svc") == []
+         and json.loads(dns_file.read_text()).get(f"dns-web.{NAMESPACE}.svc") == server_ips,
+         30, "the kubelet's DNS file to hold both Services", lambda: dns_file.read_text())
+
+    core.create_namespaced_pod(NAMESPACE, _pod("resolves-services", DNS_CLIENT, container={
+        "args": [f"dns-web.{NAMESPACE}.svc", "dns-web"]}))
+    core.create_namespaced_pod(NAMESPACE, _pod("resolves-nothing", DNS_CLIENT, container={
+        "args": [f"dns-nobody.{NAMESPACE}.svc"]}))
+    for name in ("resolves-services", "resolves-nothing"):
+        wait(lambda: _phase(core, name) in ("Succeeded", "Failed"), 60, f"{name} to finish",
+             lambda: cluster.pod_logs(NAMESPACE, name) + cluster.diagnostics())
+    logs = cluster.pod_logs(NAMESPACE, "resolves-services")
+    assert _phase(core, "resolves-services") == "Succeeded", logs
+    out = json.loads([line for line in logs.splitlines() if line.startswith("{")][-1])
+    assert out["addresses"] == server_ips  # the Pod's own address: no ClusterIP, no kube-proxy
+    # A Service without ready endpoints does not resolve (EAI_NONAME), as a real resolver answers.
+    nothing = core.read_namespaced_pod("resolves-nothing", NAMESPACE).status.container_statuses[0].state.terminated
+    assert nothing.exit_code == 7, cluster.pod_logs(NAMESPACE, "resolves-nothing")
+
+
 def test_jobs_complete_and_a_failed_job_stops_on_its_pod_failure_policy(core, cluster, api_client):
     from kubernetes import client
 

@@ -117,3 +117,57 @@ def test_each_kubelet_takes_its_own_block_of_pod_addresses(tmp_path):
     assert again.cidr == other_cidr
     mine.close()
     again.close()
+
+
+def _shim():
+    """podshim/sitecustomize.py as a plain module (without the kubelet's variables it patches nothing)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("podshim_sitecustomize", kubelet.SHIM_DIR / "sitecustomize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("host,key", [
+    ("web.ns1.svc.cluster.local", "web.ns1.svc"), ("web.ns1.svc.cluster.local.", "web.ns1.svc"),
+    ("web.ns1.svc", "web.ns1.svc"), ("web.ns1", "web.ns1.svc"), ("web", "web.mine.svc"), ("WEB", "web.mine.svc"),
+    ("10.244.0.5", None), ("::1", None), ("a.b.c.d", None), ("web.ns1.cluster.local", None), ("", None),
+])
+def test_service_names_map_to_their_dns_keys_as_the_search_list_would(host, key):
+    assert _shim().service_key(host, "mine") == key
+
+
+def test_the_kubelet_keeps_each_services_ready_endpoint_addresses():
+    def slice_(service, ns, *endpoints, kind="IPv4"):
+        return {"metadata": {"namespace": ns, "labels": {"kubernetes.io/service-name": service}}, "addressType": kind,
+                "endpoints": [{"addresses": [ip], "conditions": {} if ready is None else {"ready": ready}}
+                              for ip, ready in endpoints]}
+
+    slices = [slice_("web", "a", ("10.244.0.9", True), ("10.244.0.3", None), ("10.244.0.4", False)),
+              slice_("web", "a", ("10.244.0.2", True)), slice_("idle", "a"), slice_("web", "b", ("10.244.0.7", False)),
+              slice_("v6", "a", ("fd00::1", True), kind="IPv6"), {"metadata": {"namespace": "a"}, "endpoints": []}]
+    assert kubelet.service_addresses(slices) == {
+        "idle.a.svc": [], "web.a.svc": ["10.244.0.2", "10.244.0.3", "10.244.0.9"], "web.b.svc": []}
+
+
+def test_shim_resolves_service_names_from_the_kubelets_file(tmp_path):
+    dns = tmp_path / "services.json"
+    dns.write_text(json.dumps({"web.ns1.svc": ["10.244.9.3", "10.244.9.2"], "idle.ns1.svc": []}))
+    code = r"""
+import json, socket
+out = {}
+for host in ("web", "web.ns1", "web.ns1.svc", "web.ns1.svc.cluster.local", "idle", "localhost"):
+    try:
+        out[host] = sorted({(i[0] == socket.AF_INET, i[1] == socket.SOCK_STREAM, i[4][:2])
+                            for i in socket.getaddrinfo(host, 8080, type=socket.SOCK_STREAM)})
+    except socket.gaierror as err:
+        out[host] = err.errno == socket.EAI_NONAME
+print(json.dumps(out))
+"""
+    out = json.loads(_run_in_pod(code, {"PROCESS_KUBELET_DNS_FILE": str(dns), "PROCESS_KUBELET_POD_NAMESPACE": "ns1"}))
+    web = [[True, True, ["10.244.9.3", 8080]], [True, True, ["10.244.9.2", 8080]]]
+    for host in ("web", "web.ns1", "web.ns1.svc", "web.ns1.svc.cluster.local"):
+        assert sorted(out[host]) == sorted(web), host
+    assert out["idle"] is True  # a Service without ready endpoints: EAI_NONAME
+    assert out["localhost"] and out["localhost"] is not True  # not a Service: the real resolver's answer

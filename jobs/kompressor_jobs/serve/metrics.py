@@ -106,8 +106,9 @@ class ServerMetrics:
                                         "kompressor_online_agreement_rows, the mean agreement.",
                                         ["model", "revision"], registry=r)
         self.online_run_seconds = Histogram("kompressor_online_run_seconds",
-                                            "ONNX Runtime run time on the compared requests, of the candidate and "
-                                            "of the serving model (role).", ["model", "revision", "role"],
+                                            "ONNX Runtime run time of each mirrored run (a merged batch of copies, "
+                                            "or one alone) of the candidate and of the serving model (role), on "
+                                            "the same copies.", ["model", "revision", "role"],
                                             buckets=ONLINE_LATENCY_BUCKETS, registry=r)
         self.online_stage_labels = Counter("kompressor_online_stage_labels",
                                            "Labelled rows during the candidate's stint: predicted by the candidate "

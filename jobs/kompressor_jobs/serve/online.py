@@ -7,24 +7,35 @@ extension). The operator sums the evidence of every serving process and judges i
   swap loads one. It must be another revision than the one serving and take the same inputs (names, datatypes)
   and give the same outputs (names).
 - **shadow**: every successful request the serving model answered is also run on the candidate, off the request
-  path: (feeds, the serving answer's first output, id, the serving run time) goes on a bounded queue
-  (``--mirror-queue``; when full the copy is dropped and counted, ``dropped``). One task drains it and runs the
-  candidate on a dedicated single-thread executor (never the default one the server runs big requests on), then
-  compares. Clients always get the serving revision's answer, and never wait for the candidate.
+  path: a copy (feeds, the serving answer's first output, id, the serving run time) goes on a bounded queue
+  (``--mirror-queue``; when full the copy is dropped and counted, ``dropped``). Clients always get the serving
+  revision's answer, and never wait for the candidate.
 - **canary** at ``weight`` percent: a deterministic splitter (add ``weight`` per request; at 100 or more the
   request goes to the candidate and 100 is taken off) sends exactly that share of requests to the candidate,
   which answers them (its outputs and ``model_version``); the serving model then runs on a copy of each of them
-  through the same queue, to compare and time it. A candidate failing a request answers the client as the
-  serving model would (400/500) and counts as an error. Candidate-answered requests are not captured (the capture
+  through the same queue and batches, to compare and time it. A candidate failing a request answers the client as
+  the serving model would (400/500) and counts as an error. Candidate-answered requests are not captured (the capture
   holds the serving revision's traffic only, an unbiased sample of it), and count in the request metrics under
   the candidate's revision.
+- **Mirrored in batches**: one task drains the queue. It lets copies gather for ``SERVING_MIRROR_LINGER_SECONDS``
+  after the first, then takes all that wait, and merges those whose inputs agree but for the batch dimension (as
+  the dynamic batcher merges: same dtypes and non-batch shapes, a dynamic first dimension, at most
+  ``SERVING_MIRROR_BATCH_ROWS`` rows), and runs each merged copy on both models, back to back, on a dedicated
+  single-thread executor (never the default one the server runs big requests on). One ONNX Runtime run per model
+  and batch, not per request, is what keeps the mirroring off the clients' latency (bench/mirroring.py): the
+  event loop pays one wake-up per batch. A copy that merges with no other runs alone, on the other model only,
+  against the answer's own first output and run time. A merged run that fails, or whose outputs cannot be split,
+  is run again request by request, so each copy gets its own outcome.
 - **Agreement** per compared row of the first outputs (``--task``): classification, top-1 (argmax over the last
   axis) equal, 1 or 0; embedding, cosine similarity; regression, ``max(0, 1 - |a - b| / max(|b|, 1e-6))``
-  averaged over the row (``b`` the serving value). ``agreement`` is the sum over the ``compared`` rows.
-- **Latency**: the ONNX Runtime run time of both models on the compared requests, as counts per bucket of
-  ``ONLINE_LATENCY_BUCKETS`` (upper bounds, +Inf last), so that counts of several processes add up. With dynamic
-  batching the serving time of a shadowed request is its batched run, waiting included; the candidate always runs
-  alone.
+  averaged over the row (``b`` the serving value). ``agreement`` is the sum over the ``compared`` rows. A merged
+  copy compares both models' outputs on the merged batch (batching changes no answer beyond an ulp:
+  kompressor_jobs.serve.batching); a lone copy, the other model's output with the answer.
+- **Latency**: the ONNX Runtime run time of both models on the same copies, one observation each per run (a merged
+  batch, both models back to back, in alternating order; a lone copy, the answer's run time against the other
+  model's run), as counts per bucket of ``ONLINE_LATENCY_BUCKETS`` (upper bounds, +Inf last), so that counts of
+  several processes add up. The ratio of the two p95s compares the models on the same inputs, on the same thread.
+  With dynamic batching the serving time of a lone shadowed copy is its batched run, waiting included.
 - **Labels** (``--feedback``): a label for a request the candidate answered (canary) or mirrored (shadow) counts
   for it (``labels``, ``right``: its predicted class was the label); one for the serving revision's own answers
   since the candidate was set counts in ``serving_labels``, ``serving_right``. A label that comes before the
@@ -34,12 +45,15 @@ extension). The operator sums the evidence of every serving process and judges i
   the weight and keeps them; any other change, a removal, or a promotion (a hot swap to the candidate's revision)
   ends them, and drops the mirrored work still pending.
 
-Everything but the mirrored ONNX Runtime runs happens on the server's event loop (one thread): no locks.
+The mirrored runs and their comparison happen on the mirror thread, on inputs no one else writes; their counts are
+added on the server's event loop (one thread), like everything else here: no locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 import uuid
 from bisect import bisect_left
@@ -52,6 +66,7 @@ import numpy as np
 from kompressor.api import defaults as d
 from kompressor.console import log
 from kompressor.errors import UserError
+from kompressor_jobs.serve.mirroring import MirrorCopy, MirroredRun, agreement, mirror  # noqa: F401 (agreement: API)
 from kompressor_jobs.serve.model import LoadedModel
 from kompressor_jobs.serve.oip import BadRequest
 
@@ -99,31 +114,6 @@ def check_compatible(candidate: LoadedModel, serving: LoadedModel) -> None:
                         f"model's {serving.output_names}")
 
 
-def agreement(task: str, candidate: np.ndarray, serving: np.ndarray) -> tuple[int, float]:
-    """(rows compared, sum of their agreement) between two first outputs, rows along the first axis (a 1-D output
-    of a classifier is one row of scores, of a regression or embedding model one value per row)."""
-    if task == "classification":
-        rows = serving.shape[0] if serving.ndim > 1 else 1
-        if serving.ndim == 0 or serving.shape[-1] < 1:
-            return 0, 0.0
-        if candidate.shape != serving.shape:
-            return rows, 0.0
-        same = candidate.argmax(axis=-1) == serving.argmax(axis=-1)
-        return rows, float(same.reshape(rows, -1).mean(axis=1).sum())
-    rows = serving.shape[0] if serving.ndim else 1
-    if candidate.shape != serving.shape:
-        return rows, 0.0
-    a = candidate.astype(np.float64).reshape(rows, -1)
-    b = serving.astype(np.float64).reshape(rows, -1)
-    if task == "embedding":
-        na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-        both = na * nb
-        cosine = np.where(both > 0, (a * b).sum(axis=1) / np.where(both > 0, both, 1.0), (na == nb) * 1.0)
-        return rows, float(np.clip(cosine, -1.0, 1.0).sum())  # two zero rows agree; a zero and another do not
-    close = np.maximum(0.0, 1.0 - np.abs(a - b) / np.maximum(np.abs(b), 1e-6))
-    return rows, float(close.mean(axis=1).sum())
-
-
 def _bucket(seconds: float) -> int:
     return bisect_left(d.ONLINE_LATENCY_BUCKETS, seconds)
 
@@ -137,10 +127,14 @@ async def _accepted(server, model: LoadedModel, request) -> bool:
     return True
 
 
-def _timed_first(model: LoadedModel, feeds: dict) -> tuple[np.ndarray, float]:
-    started = time.perf_counter()
-    out = model.run(feeds, model.output_names[:1])[0]
-    return out, time.perf_counter() - started
+def _lower_priority() -> None:
+    """The mirror thread yields the CPU to live requests: a higher nice value for this thread only (Linux gives
+    each thread its own; raising it needs no privilege). Elsewhere it stays as it is."""
+    try:
+        me = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, me, os.getpriority(os.PRIO_PROCESS, me) + d.SERVING_MIRROR_NICE)
+    except (AttributeError, OSError):
+        pass
 
 
 class Candidate:
@@ -290,7 +284,8 @@ class OnlineStage:
             return  # replaced or removed meanwhile
         first = results[0] if names and names[0] == routed.model.output_names[0] else None
         other = routed.serving if routed.by_candidate else cand.model
-        item = (other, request.feeds, routed.model, first, routed.seconds, request.request_id, seq)
+        item = MirrorCopy(other, routed.model, request.feeds, request.rows, first, routed.seconds,
+                          request.request_id, seq)
         try:
             cand.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -305,54 +300,47 @@ class OnlineStage:
     async def _drain(self, cand: Candidate) -> None:
         loop = asyncio.get_running_loop()
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="kompressor-mirror")
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="kompressor-mirror", initializer=_lower_priority)
         while True:
-            other, feeds, answered, first, seconds, request_id, seq = await cand.queue.get()
-            try:
-                if first is None:  # the answer did not hold the first output: compute it too
-                    first, seconds = await loop.run_in_executor(self._executor, _timed_first, answered, feeds)
-            except Exception as err:  # noqa: BLE001 -- onnxruntime raises its own types
-                log("mirrored run failed", level="warning", model=self.name, revision=answered.revision,
-                    error=repr(err))
-                continue
-            try:
-                out, other_seconds = await loop.run_in_executor(self._executor, _timed_first, other, feeds)
-            except Exception as err:  # noqa: BLE001 -- onnxruntime raises its own types
-                if cand.mode == SHADOW:  # the candidate failed
-                    cand.requests += 1
-                    cand.errors += 1
-                    self._count(cand, errors=True)
-                log("mirrored run failed", level="warning", model=self.name, revision=other.revision,
-                    error=repr(err))
-                continue
+            copies = [await cand.queue.get()]
+            if cand.queue.qsize() < d.SERVING_MIRROR_BATCH_ROWS:  # let a batch gather, unless one already waits
+                await asyncio.sleep(d.SERVING_MIRROR_LINGER_SECONDS)
+            while not cand.queue.empty():
+                copies.append(cand.queue.get_nowait())
+            runs = await loop.run_in_executor(self._executor, mirror, self.task, cand.mode == SHADOW, copies)
             if cand is not self.candidate:
                 return
-            try:
-                self._compare(cand, out, other_seconds, first, seconds, request_id, seq)
-            except Exception as err:  # noqa: BLE001 -- one odd output must not stop the mirroring
-                log("comparison failed", level="warning", model=self.name, error=repr(err))
+            for run in runs:
+                self._count_run(cand, run)
 
-    def _compare(self, cand: Candidate, out: np.ndarray, other_seconds: float, first: np.ndarray, seconds: float,
-                 request_id, seq: int | None) -> None:
-        """Count one mirrored pair: ``out`` (run now, in ``other_seconds``) against ``first`` (the answer's)."""
-        if cand.mode == SHADOW:
-            cand.requests += 1
-            self._count(cand)
-            mine, mine_s, theirs, theirs_s = out, other_seconds, first, seconds
-            if self.feedback is not None and request_id is not None and seq is not None:
-                self.feedback.remember_shadow(request_id, seq, cand.model.revision, out)
-        else:
-            mine, mine_s, theirs, theirs_s = first, seconds, out, other_seconds
-        rows, agreed = agreement(self.task, mine, theirs)
-        cand.compared += rows
-        cand.agreement += agreed
-        cand.candidate_latency[_bucket(mine_s)] += 1
-        cand.serving_latency[_bucket(theirs_s)] += 1
-        revision, m = str(cand.model.revision), self.metrics
-        m.online_agreement_rows.labels(self.name, revision).inc(rows)
-        m.online_agreement.labels(self.name, revision).inc(agreed)
-        m.online_run_seconds.labels(self.name, revision, "candidate").observe(mine_s)
-        m.online_run_seconds.labels(self.name, revision, "serving").observe(theirs_s)
+    def _count_run(self, cand: Candidate, run: "MirroredRun") -> None:
+        """Count one mirrored run: its copies' agreement, both models' run times, the candidate's failures."""
+        for err, model in run.failures:
+            log("mirrored run failed", level="warning", model=self.name, revision=model.revision, error=err)
+        shadow, m, revision = cand.mode == SHADOW, self.metrics, str(cand.model.revision)
+        if shadow and run.other_failed:  # the candidate failed these copies
+            cand.requests += run.other_failed
+            cand.errors += run.other_failed
+            m.online_errors.labels(self.name, revision, cand.mode).inc(run.other_failed)
+        if not run.copies:
+            return
+        if shadow:
+            cand.requests += len(run.copies)
+            m.online_requests.labels(self.name, revision, cand.mode).inc(len(run.copies))
+            if self.feedback is not None:
+                for copy, out in zip(run.copies, run.other_outputs):
+                    if copy.request_id is not None and copy.seq is not None:
+                        self.feedback.remember_shadow(copy.request_id, copy.seq, cand.model.revision, out)
+        cand.compared += run.rows
+        cand.agreement += run.agreement
+        candidate_s, serving_s = (run.other_seconds, run.answered_seconds) if shadow else \
+            (run.answered_seconds, run.other_seconds)
+        cand.candidate_latency[_bucket(candidate_s)] += 1
+        cand.serving_latency[_bucket(serving_s)] += 1
+        m.online_agreement_rows.labels(self.name, revision).inc(run.rows)
+        m.online_agreement.labels(self.name, revision).inc(run.agreement)
+        m.online_run_seconds.labels(self.name, revision, "candidate").observe(candidate_s)
+        m.online_run_seconds.labels(self.name, revision, "serving").observe(serving_s)
 
     def _count(self, cand: Candidate, errors: bool = False) -> None:
         counter = self.metrics.online_errors if errors else self.metrics.online_requests

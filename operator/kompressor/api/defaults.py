@@ -171,6 +171,11 @@ ONLINE_DEADLINE_SECONDS = 3600  # an Inconclusive stage (or canary step) waits t
 ON_INCONCLUSIVE = "reject"  # reject | promote
 # The serving process' online stage (kompressor serve --candidate ...)
 SERVING_MIRROR_QUEUE = 256  # shadow: requests waiting to be mirrored; beyond it copies are dropped (and counted)
+# mirrored copies gather this long after the first, then run merged, one ORT run per model and batch of at most
+# SERVING_MIRROR_BATCH_ROWS rows: the event loop then pays one wake-up per batch, not per request (bench/mirroring.py)
+SERVING_MIRROR_LINGER_SECONDS = 0.02
+SERVING_MIRROR_BATCH_ROWS = 64
+SERVING_MIRROR_NICE = 10  # added to the mirror thread's nice value: live requests get the CPU first
 SERVING_CANDIDATE_MODE = "shadow"  # --candidate-mode / the candidate endpoint's parameters.mode unless given
 SERVING_CANDIDATE_WEIGHT = 0.0  # canary: percent of requests the candidate answers unless given
 ONLINE_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
