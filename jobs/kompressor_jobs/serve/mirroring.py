@@ -6,6 +6,7 @@ mirror thread and its result is counted on the event loop.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
@@ -13,6 +14,8 @@ import numpy as np
 
 from kompressor.api import defaults as d
 from kompressor_jobs.serve.model import LoadedModel
+
+_TURNS = itertools.count()  # merged runs so far (the mirror thread's only)
 
 
 @dataclass(slots=True)
@@ -124,10 +127,10 @@ def _timed_first(model: LoadedModel, feeds: dict) -> tuple[np.ndarray, float]:
 def _merged(task: str, shadow: bool, group: list[MirrorCopy]) -> MirroredRun | None:
     """One batch of ``group`` on both models (None: it failed or cannot be split; run the copies alone)."""
     head, total = group[0], sum(c.rows for c in group)
-    feeds = {name: np.concatenate([c.feeds[name] for c in group]) for name in head.feeds}
     try:
+        feeds = {name: np.concatenate([c.feeds[name] for c in group]) for name in head.feeds}
         # alternate which model runs first, so that neither always finds the caches warmed by the other
-        if total % 2:
+        if next(_TURNS) % 2:
             other, other_s = _timed_first(head.other, feeds)
             answered, answered_s = _timed_first(head.answered, feeds)
         else:

@@ -66,7 +66,7 @@ import numpy as np
 from kompressor.api import defaults as d
 from kompressor.console import log
 from kompressor.errors import UserError
-from kompressor_jobs.serve.mirroring import MirrorCopy, MirroredRun, agreement, mirror  # noqa: F401 (agreement: API)
+from kompressor_jobs.serve.mirroring import MirrorCopy, MirroredRun, agreement, mirror  # noqa: F401 (agreement)
 from kompressor_jobs.serve.model import LoadedModel
 from kompressor_jobs.serve.oip import BadRequest
 
@@ -300,20 +300,25 @@ class OnlineStage:
     async def _drain(self, cand: Candidate) -> None:
         loop = asyncio.get_running_loop()
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="kompressor-mirror", initializer=_lower_priority)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="kompressor-mirror",
+                                                initializer=_lower_priority)
         while True:
             copies = [await cand.queue.get()]
             if cand.queue.qsize() < d.SERVING_MIRROR_BATCH_ROWS:  # let a batch gather, unless one already waits
                 await asyncio.sleep(d.SERVING_MIRROR_LINGER_SECONDS)
             while not cand.queue.empty():
                 copies.append(cand.queue.get_nowait())
-            runs = await loop.run_in_executor(self._executor, mirror, self.task, cand.mode == SHADOW, copies)
+            try:
+                runs = await loop.run_in_executor(self._executor, mirror, self.task, cand.mode == SHADOW, copies)
+            except Exception as err:  # noqa: BLE001 -- one odd batch must not stop the mirroring
+                log("mirrored runs failed", level="warning", model=self.name, copies=len(copies), error=repr(err))
+                continue
             if cand is not self.candidate:
                 return
             for run in runs:
                 self._count_run(cand, run)
 
-    def _count_run(self, cand: Candidate, run: "MirroredRun") -> None:
+    def _count_run(self, cand: Candidate, run: MirroredRun) -> None:
         """Count one mirrored run: its copies' agreement, both models' run times, the candidate's failures."""
         for err, model in run.failures:
             log("mirrored run failed", level="warning", model=self.name, revision=model.revision, error=err)
