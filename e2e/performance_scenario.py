@@ -2,8 +2,8 @@
 cluster targets:
 
     create (a compressed revision serves; performance floor 0.5 over windows of WINDOW labels)
-      ─► one-row requests with ids, answered now ─► their true labels later, a window at a time, each one wrong
-      ─► PerformanceDrift verdicts, consecutive 1, 2 ─► rolled back to the baseline ─► delete
+      ─► one-row requests with ids, answered now ─► their true labels later, in one list, every one wrong
+      ─► CONSECUTIVE windows, each judged (PerformanceDrift) ─► rolled back to the baseline ─► delete
 
 In a cluster the labels reach the serving Pod (``POST /v2/models/{name}/feedback``) and the drift watcher Pod reads
 that Pod's online accuracy from the serving Service (``--serving-metrics-url``), as it would anywhere.
@@ -21,7 +21,6 @@ from scenario import DEADLINES, MODEL, NAME, wait_status, wait_until
 
 WINDOW, CONSECUTIVE = 10, 2
 BASELINE = 0
-PERFORMANCE_DRIFT = "PerformanceDrift"
 
 
 def performance_model() -> dict:
@@ -56,17 +55,10 @@ async def run_performance_scenario(target, eval_rows: np.ndarray) -> dict:
                                                "data": row.tolist()}]})
             assert answer["model_version"] == str(compressed)
             predicted[answer["id"]] = int(np.argmax(answer["outputs"][0]["data"]))
-        ids = list(predicted)
-        labelled_at = time.monotonic()
-        for window in range(CONSECUTIVE):  # ...labelled later, a window at a time, every label wrong
-            batch = [{"id": i, "label": (predicted[i] + 1) % 10} for i in ids[window * WINDOW:(window + 1) * WINDOW]]
-            answer = await _post(session, f"{url}/v2/models/{NAME}/feedback", batch)
-            assert answer["accepted"] == WINDOW, answer
-            if window + 1 < CONSECUTIVE:
-                status = await wait_status(target, f"performance verdict {window + 1}", lambda s, n=window + 1: (
-                    (s.get("drift") or {}).get("reason") == PERFORMANCE_DRIFT and s["drift"]["consecutive"] == n),
-                    DEADLINES["verdict"])
-                assert status["drift"]["accuracy"] < 0.5 and status["currentRevision"] == compressed, status["drift"]
+        labelled_at = time.monotonic()  # ...labelled later, all at once (a daily batch, say), every label wrong:
+        burst = [{"id": i, "label": (p + 1) % 10} for i, p in predicted.items()]  # CONSECUTIVE windows in one
+        answer = await _post(session, f"{url}/v2/models/{NAME}/feedback", burst)
+        assert answer["accepted"] == len(burst), answer
 
     status = await wait_status(target, "rolled back to the baseline", lambda s: s.get("phase") == "Serving"
                                and s.get("currentRevision") == BASELINE, DEADLINES["rollback"])
@@ -74,6 +66,10 @@ async def run_performance_scenario(target, eval_rows: np.ndarray) -> dict:
     assert status["autoActions"] == 1
     rolled = next(r for r in status["revisions"] if r["revision"] == compressed)
     assert rolled.get("driftedAt"), rolled  # the revision the verdict was about is marked drifted
+    verdict = status.get("drift") or {}
+    if verdict.get("revision") == compressed:  # (unless the baseline's watcher has written its own already)
+        assert (verdict["reason"], verdict["consecutive"], verdict["accuracy"]) == ("PerformanceDrift", CONSECUTIVE,
+                                                                                     0.0), verdict
 
     await target.delete(NAME)
     await wait_until(target, "the model and everything it owned to be gone", lambda: target.gone(NAME),

@@ -1,7 +1,8 @@
-"""Performance drift against a real `kompressor serve --feedback`: delayed labels for served requests move the
-online accuracy; the watcher counts a check only once `window` new labels arrived (never the same evidence
-twice), wrong labels confirm drift after consecutiveWindows fresh windows, right labels clear it, too few labels
-give no verdict, and a restarted watcher goes on from its state."""
+"""Performance drift against a real `kompressor serve --feedback`: delayed labels for served requests, cut into
+disjoint windows of `window` rows by the server; the watcher judges each completed window once (never the same
+evidence twice; a burst that completes several is several windows), wrong labels confirm drift after
+consecutiveWindows fresh windows, right labels clear it, a window filling gives no verdict, and a restarted watcher
+goes on from its state."""
 
 from __future__ import annotations
 
@@ -29,17 +30,32 @@ def server(tmp_path_factory):
     srv.stop()
 
 
-def label(server: Server, n: int, right: bool) -> None:
-    """Serve n requests, then send each one's true label: the predicted class (right) or another (wrong)."""
+def served(server: Server, n: int, right: bool) -> list[dict]:
+    """Serve n requests; the true label of each: the predicted class (right) or another (wrong)."""
     rng = np.random.default_rng()
+    labels = []
     for _ in range(n):
         status, out = http("POST", server.infer_url(), infer_body(rng.normal(size=(1, N_FEATURES))))
         assert status == 200, out
         predicted = int(np.argmax(out["outputs"][0]["data"]))
-        truth = predicted if right else (predicted + 1) % N_CLASSES
-        status, answer = http("POST", f"{server.url}/v2/models/{server.name}/feedback",
-                              {"id": out["id"], "label": truth})
+        labels.append({"id": out["id"], "label": predicted if right else (predicted + 1) % N_CLASSES})
+    return labels
+
+
+def label(server: Server, n: int, right: bool) -> None:
+    """Serve n requests, then send each one's true label, one by one."""
+    for item in served(server, n, right):
+        status, answer = http("POST", f"{server.url}/v2/models/{server.name}/feedback", item)
         assert status == 200, answer
+
+
+def drain(watch: PerformanceWatch) -> list:
+    """Every verdict the watcher has now, each committed (as the watch-drift loop does)."""
+    verdicts = []
+    while (verdict := watch.check()) is not None:
+        watch.commit(verdict)
+        verdicts.append(verdict)
+    return verdicts
 
 
 def confirmed(verdict) -> str:
@@ -86,12 +102,31 @@ def test_wrong_labels_confirm_performance_drift_only_on_fresh_windows(server, tm
 def test_accuracy_at_the_floor_is_not_drift(server, tmp_path):
     spec = PerformanceDriftSpec(min_accuracy=FLOOR, window=WINDOW, min_labels=MIN_LABELS)
     watch = PerformanceWatch(spec, f"{server.url}/metrics", "tab", 1, state_dir=tmp_path)
-    label(server, WINDOW, right=True)  # whatever came before, the newest window is now ours
-    watch.commit(watch.check())
+    drain(watch)  # whatever windows the other tests completed
     label(server, WINDOW - 1, right=True)
     label(server, 1, right=False)
-    verdict = watch.check()
+    [verdict] = drain(watch)
     assert (verdict.accuracy, verdict.outcome, verdict.consecutive) == (0.75, "NoDrift", 0)
+
+
+def test_a_burst_of_labels_is_as_many_windows_as_it_completes(server, tmp_path):
+    spec = PerformanceDriftSpec(min_accuracy=FLOOR, window=WINDOW, min_labels=MIN_LABELS)
+    watch = PerformanceWatch(spec, f"{server.url}/metrics", "tab", 1, state_dir=tmp_path)
+    drain(watch)  # whatever windows the other tests completed
+    before = watch.state.windows
+    burst = served(server, 2 * WINDOW + 1, right=False)  # two windows and one row of a third, in one list
+    status, answer = http("POST", f"{server.url}/v2/models/{server.name}/feedback", burst)
+    assert status == 200 and answer["accepted"] == len(burst), answer
+    verdicts = drain(watch)
+    assert [(v.outcome, v.consecutive, v.accuracy) for v in verdicts] == [("Drift", 1, 0.0), ("Drift", 2, 0.0)]
+    assert [v.windows for v in verdicts] == [before + 1, before + 2]
+    assert confirmed(verdicts[-1]) == "confirmed"  # consecutiveWindows from one burst, as for captured rows
+    status, windows = http("GET", f"{server.url}/v2/models/{server.name}/feedback/windows")
+    assert status == 200 and windows["size"] == WINDOW and windows["revisions"]["1"]["filling"] == 1
+    label(server, WINDOW - 1, right=True)  # the third window completes: judged next, and nothing twice
+    [third] = drain(watch)
+    assert (third.outcome, third.accuracy, third.labels_seen) == ("NoDrift", (WINDOW - 1) / WINDOW,
+                                                                  verdicts[-1].labels_seen + WINDOW)
 
 
 @pytest.mark.slow

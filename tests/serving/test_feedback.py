@@ -203,6 +203,7 @@ def test_without_feedback_there_is_no_endpoint_and_no_assigned_id(server):
     status, out = http("POST", server.infer_url(), infer_body(np.zeros((1, N_FEATURES))))
     assert status == 200 and "id" not in out
     assert http("POST", feedback_url(server), {"id": "x", "label": 0})[0] == 404
+    assert http("GET", f"{feedback_url(server)}/windows")[0] == 404
 
 
 def test_feedback_with_several_workers_is_refused(artifacts):

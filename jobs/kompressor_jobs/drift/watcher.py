@@ -402,12 +402,12 @@ def run(args) -> int:
                 watcher.commit(window, verdict)
                 previous = verdict
                 _observe(metrics, verdict, args.revision, sink)
-        if perf is not None:
-            verdict = perf.check()
+        while perf is not None and (verdict := perf.check()) is not None:  # every window completed since
             data = previous.consecutive if previous is not None else 0  # the data checks' count
-            if verdict is not None and _write(sink, verdict, args.once, watcher, shadowed_by=data):
-                perf.commit(verdict)
-                _observe(None, verdict, args.revision, sink)  # logged; the watcher's gauges are the data checks'
+            if not _write(sink, verdict, args.once, watcher, shadowed_by=data):
+                break  # not committed: the same window is judged again next time
+            perf.commit(verdict)
+            _observe(None, verdict, args.revision, sink)  # logged; the watcher's gauges are the data checks'
         if args.once:
             return 0
         time.sleep(spec.check_interval_seconds)

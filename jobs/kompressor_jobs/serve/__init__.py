@@ -48,7 +48,9 @@ Content-Length that says so) is refused without being read.
 With ``--feedback`` (or ``--feedback-token-file PATH``, which then requires ``Authorization: Bearer <token>``)
 ``POST /v2/models/{name}/feedback`` takes true labels for recent requests by their ``id`` (assigned and returned
 when the client sent none) and exports the online accuracy per revision (see ``kompressor_jobs.serve.feedback``);
-it needs ``--workers 1``.
+``GET /v2/models/{name}/feedback/windows`` gives the labelled rows per revision in disjoint windows of
+``--feedback-window`` (``{"instance", "size", "revisions": {"<revision>": {"completed", "filling", "windows":
+[{"index", "right"}]}}}``), which the drift watcher judges one by one. It needs ``--workers 1``.
 
 The online stage (the ``online_stage`` extension; see ``kompressor_jobs.serve.online``): a candidate revision
 run beside the served one on live traffic and measured against it, in one of two modes. **shadow**: every

@@ -127,6 +127,7 @@ class InferenceServer:
         app.router.add_post("/v2/repository/index", self.repository_index)
         if self.feedback is not None:
             app.router.add_post("/v2/models/{name}/feedback", self.label)
+            app.router.add_get("/v2/models/{name}/feedback/windows", self.label_windows)
         app.router.add_post("/v2/repository/models/{name}/load", self.load)
         app.router.add_post("/v2/repository/models/{name}/candidate", self.set_candidate)
         app.router.add_delete("/v2/repository/models/{name}/candidate", self.delete_candidate)
@@ -362,6 +363,12 @@ class InferenceServer:
             return web.json_response(answer, status=status)
         return web.json_response({"accepted": accepted, "refused": len(outcomes) - accepted,
                                   "results": [o.as_json() for o in outcomes]}, status=status)
+
+    async def label_windows(self, request: web.Request) -> web.Response:
+        """``GET /v2/models/{name}/feedback/windows``: each revision's labelled rows in disjoint windows (what the
+        drift watcher judges; ``instance`` tells a restarted process, whose windows start over, from this one)."""
+        self._find(request)
+        return web.json_response({"instance": ol.INSTANCE, **self.feedback.windows_json()})
 
     async def _json_body(self, request: web.Request):
         """The request's body as JSON, or the answer refusing it (a BodyRefused's, or 400 for bad JSON)."""

@@ -10,6 +10,10 @@ and the online accuracy they give per revision (``POST /v2/models/{name}/feedbac
   request, or a list of such integers, one per row, for a request of several rows. Each id is labelled once.
 - **The window.** Per revision, the last ``--feedback-window`` labelled predictions (rows); the online accuracy is
   the share of them whose predicted class was the label. Refused labels never touch it.
+- **Disjoint windows** (for the drift watcher, ``GET /v2/models/{name}/feedback/windows``): the same labelled rows,
+  per revision, cut into consecutive windows of ``--feedback-window``, each completed one kept (its index and the
+  rows that were right; the last ``SERVING_FEEDBACK_WINDOWS_KEPT``) so that every window is judged exactly once,
+  however many complete between two checks.
 - **Refusals** (each counted by reason): ``malformed`` (not an object, no string ``id``, no ``label``),
   ``unknown_id`` (never served, or forgotten), ``duplicate`` (this id has a label already),
   ``label_out_of_range`` (not an integer class in range, or not one per row), ``unauthorized`` (bearer token
@@ -31,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from kompressor.api import defaults as d
 from kompressor.errors import UserError
 
 ACCEPTED = "accepted"
@@ -90,6 +95,35 @@ class Window:
 
 
 @dataclass
+class DisjointWindows:
+    """One revision's labelled predictions cut into disjoint windows of ``size``, in the order the labels came: the
+    right ones of each of the last ``kept`` completed windows (by index, from 0), and the window filling now. The
+    drift watcher judges each completed window once (``GET /v2/models/{name}/feedback/windows``): a burst of labels
+    that completes several windows between two of its checks is several windows, not one."""
+
+    size: int
+    kept: int = d.SERVING_FEEDBACK_WINDOWS_KEPT
+    completed: int = 0
+    done: deque = field(default_factory=deque)  # (index, right) of the last ``kept`` completed windows
+    filling: int = 0
+    filling_right: int = 0
+
+    def add(self, correct: bool) -> None:
+        self.filling += 1
+        self.filling_right += int(correct)
+        if self.filling == self.size:
+            self.done.append((self.completed, self.filling_right))
+            if len(self.done) > self.kept:
+                self.done.popleft()
+            self.completed += 1
+            self.filling = self.filling_right = 0
+
+    def as_json(self) -> dict:
+        return {"completed": self.completed, "filling": self.filling,
+                "windows": [{"index": i, "right": right} for i, right in self.done]}
+
+
+@dataclass
 class Outcome:
     id: Any
     status: str  # ACCEPTED or a refusal reason
@@ -112,6 +146,7 @@ class FeedbackStore:
         self.window, self.max_requests = window, max_requests
         self.predictions: OrderedDict[str, Prediction] = OrderedDict()
         self.windows: dict[int, Window] = {}
+        self.disjoint: dict[int, DisjointWindows] = {}
         self.on_accuracy = on_accuracy or (lambda revision, window: None)  # after each accepted label
         self.on_label = lambda prediction, labels: None  # after each accepted label: the online stage's hook
         self.remembered = 0  # predictions remembered so far (the last one's seq)
@@ -158,11 +193,18 @@ class FeedbackStore:
                            f"[0, {n}), got {label!r}")
         prediction.labelled = True
         window = self.windows.setdefault(prediction.revision, Window(self.window))
+        disjoint = self.disjoint.setdefault(prediction.revision, DisjointWindows(self.window))
         for predicted, truth in zip(prediction.classes, labels):
             window.add(predicted == truth)
+            disjoint.add(predicted == truth)
         self.on_accuracy(prediction.revision, window)
         self.on_label(prediction, labels)
         return Outcome(request_id, ACCEPTED, revision=prediction.revision)
+
+
+    def windows_json(self) -> dict:
+        """Every revision's disjoint windows (DisjointWindows), for the drift watcher."""
+        return {"size": self.window, "revisions": {str(r): w.as_json() for r, w in sorted(self.disjoint.items())}}
 
 
 def _classes(scores: np.ndarray) -> tuple[int, ...]:

@@ -104,6 +104,9 @@ SERVING_BODY_DISCARD_FACTOR = 2
 # labelled predictions, and the most recent requests remembered by id for labels to refer to (oldest forgotten).
 SERVING_FEEDBACK_WINDOW = 500
 SERVING_FEEDBACK_MAX_REQUESTS = 100_000
+# completed disjoint label windows a server keeps per revision for the drift watcher (more between two of its
+# checks: the oldest are lost, and the watcher says so)
+SERVING_FEEDBACK_WINDOWS_KEPT = 100
 # spec.serving.autoscaling: the operator owns an autoscaling/v2 HorizontalPodAutoscaler for the serving
 # Deployment. targetConcurrency is a Pods metric: the per-Pod average of this gauge of the server's
 # /metrics (requests being answered), served to the HPA by a custom-metrics adapter (prometheus-adapter).

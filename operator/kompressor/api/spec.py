@@ -393,8 +393,8 @@ class PerformanceDriftSpec:
     (`kompressor serve --feedback --feedback-window <window>`) and forces one server process per Pod (`--workers
     1`, whatever serving.workers says: each process remembers only the requests it answered); serving.replicas
     must be 1 without autoscaling, for the same reason.
-    A check counts once `window` new labels arrived since the last one (each window is fresh, disjoint evidence);
-    accuracy below minAccuracy is a drifting window (reason PerformanceDrift) that goes through the same
+    Every `window` labelled rows make one window, judged once (fresh, disjoint evidence; labels that complete
+    several windows between two checks are several windows); accuracy below minAccuracy is a drifting window (reason PerformanceDrift) that goes through the same
     consecutiveWindows, cooldown, caps and action as data drift."""
 
     min_accuracy: float = api_field("Online accuracy floor (share of labelled predictions that were right).",

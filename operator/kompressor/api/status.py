@@ -190,9 +190,9 @@ class DriftVerdict:
     labels: int | None = api_field("PerformanceDrift: labelled predictions in the window.", minimum=0)
     min_accuracy: float | None = api_field("PerformanceDrift: the floor (spec.drift.performance.minAccuracy).",
                                            minimum=0.0, maximum=1.0)
-    labels_seen: int | None = api_field("PerformanceDrift: labels the serving process accepted for the revision "
-                                        "up to this check (a window counts once window new ones arrived).",
-                                        minimum=0)
+    labels_seen: int | None = api_field("PerformanceDrift: labelled rows of the revision in the serving "
+                                        "process' disjoint windows judged up to this one (each window is judged "
+                                        "once).", minimum=0)
     prediction: PredictionDrift | None = api_field("DataDrift, window mode: prediction drift of the same window "
                                                    "(the model's predicted classes and top-1 scores against the "
                                                    "reference's). Informational.")
