@@ -113,8 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference is its outputs on the reference data)")
     p.add_argument("--once", action="store_true", help="run one check and exit")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)")
-    p.add_argument("--serving-metrics-url", help="the serving process' /metrics, where spec.drift.performance reads "
-                   "the online accuracy (needed when it is set)")
+    p.add_argument("--serving-metrics-url", help="the serving process' /metrics: spec.drift.performance reads the "
+                   "labelled windows from the same server (GET /v2/models/{name}/feedback/windows; needed when it "
+                   "is set)")
 
     p = sub.add_parser("operator", help="run the Kubernetes operator (Kopf)")
     scope = p.add_mutually_exclusive_group()

@@ -71,8 +71,8 @@ class OnlineServing:
 def watcher_argv(spec: str, capture: str, verdict: str, revision: int, reference: str | None = None,
                  state: str | None = None, metrics_port: int = 0, artifact: str | None = None,
                  serving_metrics_url: str | None = None) -> list[str]:
-    """``serving_metrics_url``: the serving process' /metrics, where spec.drift.performance reads the online
-    accuracy."""
+    """``serving_metrics_url``: the serving process' /metrics; spec.drift.performance reads the labelled windows
+    from the same server (kompressor_jobs.drift.performance)."""
     argv = [*ENTRYPOINT, "watch-drift", "--spec", spec, "--capture", capture, "--verdict", verdict,
             "--revision", str(revision)]
     if reference:
