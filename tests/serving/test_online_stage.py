@@ -307,7 +307,7 @@ def test_a_candidate_that_cannot_be_loaded_at_start_is_reported_and_serving_goes
     ("classification", [[0.1, 0.9]], [[0.1, 0.9, 0.0]], (1, 0.0)),  # shapes differ: no agreement
 ])
 def test_agreement_per_task(task, candidate, serving, expected):
-    from kompressor_jobs.serve.online import agreement
+    from kompressor_jobs.serve.mirroring import agreement
 
     rows, total = agreement(task, np.array(candidate, np.float32), np.array(serving, np.float32))
     assert (rows, total) == (expected[0], pytest.approx(expected[1]))

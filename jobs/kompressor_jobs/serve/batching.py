@@ -41,6 +41,19 @@ from kompressor_jobs.serve.oip import InferRequest
 RunOne = Callable[[LoadedModel, InferRequest], Awaitable[list]]
 
 
+def merge_key(model: LoadedModel, feeds: dict[str, np.ndarray]) -> tuple | None:
+    """What the inputs of two runs on ``model`` must share to be merged along the batch dimension (each input's
+    dtype and non-batch shape); None when these cannot be (an input missing or without a dynamic first
+    dimension, a scalar)."""
+    parts = []
+    for spec in model.inputs:
+        array = feeds.get(spec.name)
+        if array is None or array.ndim == 0 or not spec.shape or spec.shape[0] != -1:
+            return None
+        parts.append((array.dtype.str, array.shape[1:]))
+    return tuple(parts)
+
+
 @dataclass
 class _Batch:
     model: LoadedModel
@@ -91,13 +104,10 @@ class DynamicBatcher:
     @staticmethod
     def key(model: LoadedModel, request: InferRequest) -> tuple | None:
         """What two requests must share to be merged; None when this one cannot be."""
-        parts = []
-        for spec in model.inputs:
-            array = request.feeds[spec.name]
-            if array.ndim == 0 or not spec.shape or spec.shape[0] != -1:
-                return None
-            parts.append((array.dtype.str, array.shape[1:]))
-        return id(model), tuple(parts), tuple(request.outputs) if request.outputs else None
+        inputs = merge_key(model, request.feeds)
+        if inputs is None:
+            return None
+        return id(model), inputs, tuple(request.outputs) if request.outputs else None
 
     async def run(self, model: LoadedModel, request: InferRequest) -> list[np.ndarray]:
         key = self.key(model, request)

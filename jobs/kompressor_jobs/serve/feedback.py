@@ -201,7 +201,6 @@ class FeedbackStore:
         self.on_label(prediction, labels)
         return Outcome(request_id, ACCEPTED, revision=prediction.revision)
 
-
     def windows_json(self) -> dict:
         """Every revision's disjoint windows (DisjointWindows), for the drift watcher."""
         return {"size": self.window, "revisions": {str(r): w.as_json() for r, w in sorted(self.disjoint.items())}}

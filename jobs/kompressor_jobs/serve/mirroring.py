@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kompressor.api import defaults as d
+from kompressor_jobs.serve.batching import merge_key
 from kompressor_jobs.serve.model import LoadedModel
 
 _TURNS = itertools.count()  # merged runs so far (the mirror thread's only)
@@ -89,14 +90,9 @@ def _agreement(task: str, shadow: bool, other: np.ndarray, answered: np.ndarray)
 
 
 def _key(copy: MirrorCopy) -> tuple | None:
-    """What two copies must share to be merged (as the dynamic batcher's key); None when this one cannot be."""
-    parts = []
-    for spec in copy.other.inputs:
-        array = copy.feeds.get(spec.name)
-        if array is None or array.ndim == 0 or not spec.shape or spec.shape[0] != -1:
-            return None
-        parts.append((spec.name, array.dtype.str, array.shape[1:]))
-    return id(copy.other), id(copy.answered), tuple(parts)
+    """What two copies must share to be merged (the dynamic batcher's rule); None when this one cannot be."""
+    inputs = merge_key(copy.other, copy.feeds)
+    return None if inputs is None else (id(copy.other), id(copy.answered), inputs)
 
 
 def _groups(copies: list[MirrorCopy]) -> list[list[MirrorCopy]]:

@@ -66,7 +66,7 @@ import numpy as np
 from kompressor.api import defaults as d
 from kompressor.console import log
 from kompressor.errors import UserError
-from kompressor_jobs.serve.mirroring import MirrorCopy, MirroredRun, agreement, mirror  # noqa: F401 (agreement)
+from kompressor_jobs.serve.mirroring import MirrorCopy, MirroredRun, mirror
 from kompressor_jobs.serve.model import LoadedModel
 from kompressor_jobs.serve.oip import BadRequest
 
@@ -326,12 +326,12 @@ class OnlineStage:
         if shadow and run.other_failed:  # the candidate failed these copies
             cand.requests += run.other_failed
             cand.errors += run.other_failed
-            m.online_errors.labels(self.name, revision, cand.mode).inc(run.other_failed)
+            self._count(cand, errors=True, n=run.other_failed)
         if not run.copies:
             return
         if shadow:
             cand.requests += len(run.copies)
-            m.online_requests.labels(self.name, revision, cand.mode).inc(len(run.copies))
+            self._count(cand, n=len(run.copies))
             if self.feedback is not None:
                 for copy, out in zip(run.copies, run.other_outputs):
                     if copy.request_id is not None and copy.seq is not None:
@@ -347,9 +347,9 @@ class OnlineStage:
         m.online_run_seconds.labels(self.name, revision, "candidate").observe(candidate_s)
         m.online_run_seconds.labels(self.name, revision, "serving").observe(serving_s)
 
-    def _count(self, cand: Candidate, errors: bool = False) -> None:
+    def _count(self, cand: Candidate, errors: bool = False, n: int = 1) -> None:
         counter = self.metrics.online_errors if errors else self.metrics.online_requests
-        counter.labels(self.name, str(cand.model.revision), cand.mode).inc()
+        counter.labels(self.name, str(cand.model.revision), cand.mode).inc(n)
 
     # ---- labels (FeedbackStore.on_label) ----------------------------------------------------------------------
 
